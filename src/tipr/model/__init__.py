@@ -1,0 +1,28 @@
+"""The SEN model: ``SENNetwork`` (plain PyTorch) and ``TIPRModule`` (Lightning).
+
+``TIPRModule`` is imported lazily so that ``import tipr.model`` for the network
+alone does not import Lightning.
+"""
+
+from tipr.model.backbone import BACKBONE_PRESETS, build_clip, resize_position_embedding
+from tipr.model.network import LOSS_NAMES, REFERENCE_LOSS_WEIGHTS, SENNetwork
+from tipr.model.restoration import TextGuidedRestoration
+
+__all__ = [
+    "BACKBONE_PRESETS",
+    "LOSS_NAMES",
+    "REFERENCE_LOSS_WEIGHTS",
+    "SENNetwork",
+    "TIPRModule",
+    "TextGuidedRestoration",
+    "build_clip",
+    "resize_position_embedding",
+]
+
+
+def __getattr__(name):
+    if name == "TIPRModule":
+        from tipr.model.lightning_module import TIPRModule
+
+        return TIPRModule
+    raise AttributeError(f"module 'tipr.model' has no attribute {name!r}")

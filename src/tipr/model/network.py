@@ -1,0 +1,250 @@
+"""``SENNetwork``: the SEN model as plain PyTorch (no Lightning).
+
+A Hugging Face CLIP dual encoder, the ID classifier, the text-guided image
+restoration head and the losses. ``encode_image`` / ``encode_text`` give the
+global features retrieval uses; ``forward(images, token_ids, pids)`` gives the
+training losses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tipr.model.backbone import build_clip, eot_token_id, set_image_size
+from tipr.model.losses import (
+    hardest_negative_triplet_loss,
+    identity_classifier,
+    identity_loss,
+    itc_loss,
+    masked_patch_mse,
+    sdm_loss,
+)
+from tipr.model.restoration import (
+    TextGuidedRestoration,
+    num_visible_patches,
+    patchify,
+    random_patch_masking,
+    to_grayscale,
+)
+
+#: Loss names and their weights in the SEN reference run (``itc`` is off).
+REFERENCE_LOSS_WEIGHTS: dict[str, float] = {"sdm": 1.0, "id": 1.0, "tri": 10.0, "tir": 10.0, "itc": 0.0}
+LOSS_NAMES = tuple(REFERENCE_LOSS_WEIGHTS)
+
+
+class SENNetwork(nn.Module):
+    """CLIP dual encoder + TIR head + losses (SEN).
+
+    Args:
+        backbone: a preset name (``"tiny"``), a dict of ``CLIPConfig`` arguments
+            (random weights), a local CLIP folder or a hub id (pretrained), or a
+            ready ``transformers.CLIPModel``. See :mod:`tipr.model.backbone`.
+        num_classes: training identities (size of the ID classifier).
+        image_size: input ``(H, W)``; the position table is resized to it once.
+        text_length: token positions the text encoder accepts (<= its context).
+        loss_weights: ``{name: weight}`` over ``sdm``, ``id``, ``tri``, ``itc``,
+            ``tir``; missing names get weight 0; a 0 weight turns a loss off (and
+            the ID classifier / TIR head are then not built).
+        temperature: tau of SDM and ITC (logits = cosine / tau).
+        margin: margin of the triplet loss.
+        mask_ratio: share of patches hidden from the encoder in TIR, in (0, 1).
+        tir_depth, tir_heads, tir_residual, tir_text_padding_mask: see
+            :class:`tipr.model.restoration.TextGuidedRestoration`.
+    """
+
+    def __init__(
+        self,
+        backbone: str | Mapping[str, Any] | nn.Module = "tiny",
+        num_classes: int = 1,
+        image_size: tuple[int, int] = (384, 128),
+        text_length: int = 77,
+        loss_weights: Mapping[str, float] | None = None,
+        temperature: float = 0.02,
+        margin: float = 0.05,
+        mask_ratio: float = 0.7,
+        tir_depth: int = 4,
+        tir_heads: int | None = None,
+        tir_residual: bool = False,
+        tir_text_padding_mask: bool = True,
+    ):
+        super().__init__()
+        weights = dict(REFERENCE_LOSS_WEIGHTS if loss_weights is None else loss_weights)
+        unknown = sorted(set(weights) - set(LOSS_NAMES))
+        if unknown:
+            raise ValueError(f"unknown loss name(s) {unknown}; expected some of {list(LOSS_NAMES)}")
+        for name, weight in weights.items():
+            if not weight >= 0:
+                raise ValueError(f"loss weight {name}={weight!r} must be >= 0")
+        self.loss_weights = {name: float(weights.get(name, 0.0)) for name in LOSS_NAMES}
+        if not any(self.loss_weights.values()):
+            raise ValueError(f"every loss weight is 0: {self.loss_weights}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+
+        self.clip = backbone if isinstance(backbone, nn.Module) else build_clip(backbone, text_length)
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.text_length = int(text_length)
+        context = self.clip.config.text_config.max_position_embeddings
+        if not 1 < self.text_length <= context:
+            raise ValueError(f"text_length must be in 2..{context} (the text encoder's context), got {text_length}")
+        set_image_size(self.clip, self.image_size)
+        self.eot_token_id = eot_token_id(self.clip.config)
+        self.vocab_size = self.clip.config.text_config.vocab_size
+        self.embed_dim = self.clip.config.projection_dim
+        self.temperature = temperature
+        self.margin = margin
+
+        self.classifier = identity_classifier(self.embed_dim, num_classes) if self.loss_weights["id"] > 0 else None
+        self.restoration = None
+        if self.loss_weights["tir"] > 0:
+            if not 0 < mask_ratio < 1:
+                raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+            self.num_visible = num_visible_patches(self.embeddings.num_patches, mask_ratio)
+            if self.num_visible >= self.embeddings.num_patches:
+                raise ValueError(f"mask_ratio {mask_ratio} hides no patch of the {self.embeddings.grid_size} grid")
+            self.restoration = TextGuidedRestoration(
+                self.embed_dim,
+                self.embeddings.patch_size,
+                self.embeddings.grid_size,
+                depth=tir_depth,
+                num_heads=tir_heads,
+                residual=tir_residual,
+                text_padding_mask=tir_text_padding_mask,
+            )
+        self.mask_ratio = mask_ratio
+
+    @property
+    def embeddings(self):
+        """The vision embeddings (:class:`tipr.model.backbone.GridVisionEmbeddings`) inside ``clip``."""
+        return self.clip.vision_model.embeddings
+
+    # ------------------------------------------------------------------ inputs
+    def check_token_ids(self, token_ids: torch.Tensor) -> None:
+        """Raise ``ValueError`` naming the problem if ``token_ids`` cannot be encoded."""
+        if token_ids.dim() != 2 or token_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"token_ids must be an integer (B, L) tensor, got {token_ids.dtype} {tuple(token_ids.shape)}")
+        if token_ids.shape[1] > self.text_length:
+            raise ValueError(
+                f"token_ids have {token_ids.shape[1]} positions, more than the text context ({self.text_length})"
+            )
+        # One host sync for both checks.
+        has_eot = (token_ids == self.eot_token_id).any(dim=1)
+        bad = torch.stack([~has_eot.all(), (token_ids.min() < 0) | (token_ids.max() >= self.vocab_size)]).tolist()
+        if bad[0]:
+            row = int((~has_eot).nonzero()[0])
+            raise ValueError(f"token_ids row {row} has no end-of-text token (id {self.eot_token_id})")
+        if bad[1]:
+            raise ValueError(
+                f"token_ids hold ids outside 0..{self.vocab_size - 1}: min {int(token_ids.min())}, "
+                f"max {int(token_ids.max())}"
+            )
+
+    # ---------------------------------------------------------------- encoders
+    def image_tokens(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Token features ``(B, 1 + K, D)``: CLS + patches after post-norm and projection.
+
+        ``ids_keep`` ``(B, K)`` runs the encoder on those patches only (K = N when None).
+        """
+        vision = self.clip.vision_model
+        x = self.embeddings(images)  # (B, 1 + N, W), positions added
+        if ids_keep is not None:
+            width = x.shape[-1]
+            kept = torch.gather(x[:, 1:], 1, ids_keep[..., None].expand(-1, -1, width))  # (B, K, W)
+            x = torch.cat([x[:, :1], kept], dim=1)  # (B, 1 + K, W)
+        x = vision.pre_layrnorm(x)
+        x = vision.encoder(inputs_embeds=x).last_hidden_state
+        return self.clip.visual_projection(vision.post_layernorm(x))  # (B, 1 + K, D)
+
+    def text_tokens(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token features ``(B, L, D)`` (final norm + projection) and the end-of-text position ``(B,)``."""
+        self.check_token_ids(token_ids)
+        hidden = self.clip.text_model(input_ids=token_ids).last_hidden_state  # (B, L, W), final-normed
+        eot = (token_ids == self.eot_token_id).int().argmax(dim=1)  # first end-of-text token
+        return self.clip.text_projection(hidden), eot
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Global image features ``(B, D)``: the CLS output after post-norm and projection."""
+        return self.image_tokens(images)[:, 0]
+
+    def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Global text features ``(B, D)``: the first end-of-text output after final norm and projection."""
+        tokens, eot = self.text_tokens(token_ids)
+        return tokens[torch.arange(tokens.shape[0], device=tokens.device), eot]
+
+    # -------------------------------------------------------------------- TIR
+    def restore(
+        self,
+        images: torch.Tensor,
+        text_tokens: torch.Tensor,
+        eot: torch.Tensor,
+        noise: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Run text-guided restoration: grayscale, mask, encode the visible patches, decode.
+
+        Args:
+            images: ``(B, 3, H, W)`` colour input (normalised as for the model).
+            text_tokens: ``(B, L, D)`` caption token features; eot: ``(B,)`` end positions.
+            noise: ``(B, N)`` masking noise (fresh uniform noise when None); the
+                lowest-noise patches stay visible.
+
+        Returns:
+            dict with ``prediction`` and ``target`` ``(B, N, p*p*3)`` and ``mask`` ``(B, N)``.
+        """
+        if self.restoration is None:
+            raise RuntimeError("this network was built without the TIR head (tir weight 0)")
+        self.embeddings.check_pixels(images)
+        b, n = images.shape[0], self.embeddings.num_patches
+        if noise is None:
+            noise = torch.rand(b, n, device=images.device)
+        ids_keep, ids_restore, mask = random_patch_masking(noise, self.num_visible)
+        visible = self.image_tokens(to_grayscale(images), ids_keep)  # (B, 1 + K, D)
+        positions = torch.arange(text_tokens.shape[1], device=eot.device)
+        padding = positions[None, :] > eot[:, None]  # (B, L), True after end-of-text
+        prediction = self.restoration(visible, ids_restore, text_tokens, padding)
+        target = patchify(images, self.embeddings.patch_size)
+        return {"prediction": prediction, "target": target, "mask": mask}
+
+    # ----------------------------------------------------------------- losses
+    def forward(self, images: torch.Tensor, token_ids: torch.Tensor, pids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training losses for a batch of paired images and captions.
+
+        Args:
+            images: ``(B, 3, H, W)``; token_ids: ``(B, L)`` zero-padded CLIP ids;
+            pids: ``(B,)`` identity labels ``0 .. num_classes - 1``.
+
+        Returns:
+            ``{"loss": weighted sum, "<name>": unweighted loss for each loss with weight > 0}``.
+        """
+        if pids.shape != (images.shape[0],) or token_ids.shape[0] != images.shape[0]:
+            raise ValueError(
+                f"batch sizes differ: images {tuple(images.shape)}, token_ids {tuple(token_ids.shape)}, "
+                f"pids {tuple(pids.shape)}"
+            )
+        w = self.loss_weights
+        image_features = self.encode_image(images).float()  # (B, D)
+        text_tokens, eot = self.text_tokens(token_ids)  # (B, L, D), (B,)
+        text_features = text_tokens[torch.arange(text_tokens.shape[0], device=eot.device), eot].float()  # (B, D)
+
+        losses: dict[str, torch.Tensor] = {}
+        if w["sdm"] > 0:
+            losses["sdm"] = sdm_loss(image_features, text_features, pids, self.temperature)
+        if w["id"] > 0:
+            losses["id"] = identity_loss(self.classifier(image_features), self.classifier(text_features), pids)
+        if w["tri"] > 0:
+            losses["tri"] = hardest_negative_triplet_loss(image_features, text_features, pids, self.margin)
+        if w["itc"] > 0:
+            losses["itc"] = itc_loss(image_features, text_features, self.temperature)
+        if w["tir"] > 0:
+            restored = self.restore(images, text_tokens, eot)
+            losses["tir"] = masked_patch_mse(restored["prediction"], restored["target"], restored["mask"])
+        losses["loss"] = sum(w[name] * value for name, value in losses.items())
+        return losses
+
+    def similarity(self, text_features: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity ``(Nq, Ng)`` of text queries against gallery images."""
+        return F.normalize(text_features.float(), dim=-1) @ F.normalize(image_features.float(), dim=-1).t()
