@@ -117,6 +117,7 @@ class SENNetwork(nn.Module):
                 text_padding_mask=tir_text_padding_mask,
             )
         self.mask_ratio = mask_ratio
+        self.train()  # from_pretrained returns the backbone in eval mode
 
     @property
     def embeddings(self):

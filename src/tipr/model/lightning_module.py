@@ -1,0 +1,290 @@
+"""``TIPRModule``: the thin LightningModule around :class:`tipr.model.SENNetwork`.
+
+It owns what training needs and the network does not: the optimiser and its
+parameter groups, the warm-up + cosine schedule, logging, and the retrieval
+metrics. Every constructor argument is a flat value, so LightningCLI exposes it
+as ``--model.<name>`` (``--model.mask_ratio=0.6``, ``--model.tir_weight=5``).
+
+Notebook use::
+
+    module = TIPRModule.load_from_checkpoint("best.ckpt")   # no data, no download
+    text = module.encode_captions(["a woman in a white blouse and blue jeans"])
+    images = module.encode_images(pixels)                   # (N, 3, H, W), normalised
+    scores = module.similarity(text, images)                # (1, N) cosine
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+from tipr.model.backbone import BACKBONE_PRESETS
+from tipr.model.network import SENNetwork
+
+#: Modules trained at ``lr * lr_factor`` in the reference: the ID classifier and
+#: the TIR cross-attention and transformer (prefixes of ``SENNetwork`` parameter names).
+REFERENCE_BOOSTED_MODULES = ("classifier", "restoration.cross_attn", "restoration.transformer")
+
+
+def warmup_cosine_factor(step: int, total_steps: int, warmup_steps: float, warmup_factor: float) -> float:
+    """LR multiplier: linear warm-up from ``warmup_factor`` to 1, then cosine decay to 0.
+
+    ``f = warmup_factor (1 - s/w) + s/w`` for ``s < w``, else
+    ``f = 0.5 (1 + cos(pi (s - w) / (T - w)))``: the reference's per-epoch curve,
+    stepped per iteration (``s`` in optimiser steps, ``w`` warm-up steps, ``T`` total).
+    """
+    if step < warmup_steps:
+        t = step / warmup_steps
+        return warmup_factor * (1 - t) + t
+    progress = (step - warmup_steps) / max(1.0, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class TIPRModule(pl.LightningModule):
+    """SEN training, evaluation and inference.
+
+    Args:
+        num_classes: training identities (linked from the data module by the CLI).
+        backbone: a preset name (``"tiny"``: small random CLIP), a local CLIP
+            checkpoint folder or a hub id (pretrained; the paper uses
+            ``openai/clip-vit-base-patch16`` and ``openai/clip-vit-large-patch14``),
+            or a dict of ``transformers.CLIPConfig`` arguments (random weights).
+            Saved checkpoints store the backbone as its full config, so
+            ``load_from_checkpoint`` never needs the original weights or network.
+        image_size: input ``(H, W)`` (linked from the data module).
+        text_length: token positions per caption (linked from the data module).
+        sdm_weight, id_weight, tri_weight, tir_weight, itc_weight: loss weights
+            (reference 1, 1, 10, 10, 0); 0 turns a loss off.
+        temperature: tau of SDM/ITC. margin: triplet margin.
+        mask_ratio: share of patches hidden in TIR (reference 0.7).
+        tir_depth: transformer blocks of the TIR decoder. tir_residual: add the
+            cross-attention output to the decoder tokens (reference: replace).
+        tir_text_padding_mask: TIR ignores caption padding (reference attends to it).
+        lr: base learning rate (CLIP weights). lr_factor: multiplier for
+            ``boosted_modules``. bias_lr_factor: multiplier for every bias, which
+            also gets no weight decay. weight_decay: for everything else.
+        boosted_modules: ``SENNetwork`` parameter-name prefixes trained at
+            ``lr * lr_factor`` (reference: ID classifier, TIR cross-attention, TIR transformer).
+        adam_eps: Adam epsilon (reference 1e-3; betas 0.9, 0.999).
+        warmup_epochs, warmup_factor: linear warm-up length and start factor; the
+            cosine decay ends at ``trainer.max_epochs`` (or ``max_steps``).
+        gradient_checkpointing: recompute encoder activations in backward (saves memory).
+        image_to_text: also compute image-to-text retrieval metrics (``i2t_*``).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str | dict[str, Any] = "openai/clip-vit-base-patch16",
+        image_size: tuple[int, int] = (384, 128),
+        text_length: int = 77,
+        sdm_weight: float = 1.0,
+        id_weight: float = 1.0,
+        tri_weight: float = 10.0,
+        tir_weight: float = 10.0,
+        itc_weight: float = 0.0,
+        temperature: float = 0.02,
+        margin: float = 0.05,
+        mask_ratio: float = 0.7,
+        tir_depth: int = 4,
+        tir_residual: bool = False,
+        tir_text_padding_mask: bool = True,
+        lr: float = 1e-5,
+        lr_factor: float = 5.0,
+        bias_lr_factor: float = 2.0,
+        weight_decay: float = 4e-5,
+        boosted_modules: Sequence[str] = REFERENCE_BOOSTED_MODULES,
+        adam_eps: float = 1e-3,
+        warmup_epochs: float = 5.0,
+        warmup_factor: float = 0.1,
+        gradient_checkpointing: bool = False,
+        image_to_text: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        from tipr.metrics import RetrievalRanks
+
+        self.network = SENNetwork(
+            backbone,
+            num_classes=num_classes,
+            image_size=tuple(image_size),
+            text_length=text_length,
+            loss_weights={
+                "sdm": sdm_weight, "id": id_weight, "tri": tri_weight, "tir": tir_weight, "itc": itc_weight,
+            },
+            temperature=temperature,
+            margin=margin,
+            mask_ratio=mask_ratio,
+            tir_depth=tir_depth,
+            tir_residual=tir_residual,
+            tir_text_padding_mask=tir_text_padding_mask,
+        )
+        if gradient_checkpointing:
+            clip = self.network.clip
+            kwargs = {"use_reentrant": False}
+            if hasattr(clip, "activation_checkpointing_enable"):
+                clip.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:  # transformers < 5
+                clip.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self.boosted_modules = self._check_boosted(boosted_modules)
+        self.val_ranks = RetrievalRanks(image_to_text=image_to_text)
+        self.test_ranks = RetrievalRanks(image_to_text=image_to_text)
+        self._tokenizer = None
+
+    def _check_boosted(self, prefixes: Sequence[str]) -> tuple[str, ...]:
+        if isinstance(prefixes, str):
+            prefixes = (prefixes,)
+        names = [name for name, _ in self.network.named_parameters()]
+        disabled = {"classifier": self.network.classifier is None, "restoration": self.network.restoration is None}
+        for prefix in prefixes:
+            if any(n == prefix or n.startswith(prefix + ".") for n in names):
+                continue
+            if disabled.get(prefix.split(".")[0]):
+                continue  # a head whose loss is off
+            tops = sorted({n.split(".")[0] for n in names})
+            raise ValueError(
+                f"boosted module {prefix!r} matches no parameter of the network; expected a prefix of "
+                f"parameter names such as {REFERENCE_BOOSTED_MODULES} (top-level modules: {tops})"
+            )
+        return tuple(prefixes)
+
+    # ------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        losses = self.network(batch["images"], batch["token_ids"], batch["pids"])
+        batch_size = batch["images"].shape[0]
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=batch_size)
+        self.log_dict(
+            {f"train/{name}_loss": value.detach() for name, value in losses.items() if name != "loss"},
+            batch_size=batch_size,
+        )
+        return losses["loss"]
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Adam groups: base (lr, wd), boosted (lr * lr_factor, wd), bias (lr * bias_lr_factor, no wd)."""
+        hp = self.hparams
+        groups: dict[str, dict[str, Any]] = {
+            "base": {"params": [], "lr": hp.lr, "weight_decay": hp.weight_decay},
+            "boosted": {"params": [], "lr": hp.lr * hp.lr_factor, "weight_decay": hp.weight_decay},
+            "bias": {"params": [], "lr": hp.lr * hp.bias_lr_factor, "weight_decay": 0.0},
+        }
+        for name, param in self.network.named_parameters():
+            if not param.requires_grad:
+                continue
+            if name.endswith("bias"):
+                key = "bias"
+            elif any(name == p or name.startswith(p + ".") for p in self.boosted_modules):
+                key = "boosted"
+            else:
+                key = "base"
+            groups[key]["params"].append(param)
+        return [{"name": key, **group} for key, group in groups.items() if group["params"]]
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.Adam(self.parameter_groups(), betas=(0.9, 0.999), eps=hp.adam_eps)
+        trainer = self.trainer
+        total = max(1, int(trainer.estimated_stepping_batches))
+        per_epoch = trainer.num_training_batches / max(1, trainer.accumulate_grad_batches)
+        if not math.isfinite(per_epoch) or per_epoch <= 0:
+            per_epoch = total / max(1, trainer.max_epochs or 1)
+        warmup = hp.warmup_epochs * per_epoch
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine_factor(step, total, warmup, hp.warmup_factor)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------- evaluation
+    def _evaluate(self, ranks, batch: dict[str, torch.Tensor]) -> None:
+        if "images" in batch:
+            ranks.update_gallery(self.network.encode_image(batch["images"]).float(), batch["pids"], batch["index"])
+        elif "token_ids" in batch:
+            ranks.update_queries(self.network.encode_text(batch["token_ids"]).float(), batch["pids"], batch["index"])
+        else:
+            raise KeyError(f"evaluation batch has neither 'images' nor 'token_ids' (keys: {sorted(batch)})")
+
+    def _log_ranks(self, ranks, stage: str) -> None:
+        results = ranks.compute()
+        self.log_dict({f"{stage}/{name}": value for name, value in results.items()})
+        ranks.reset()
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(self.val_ranks, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_ranks(self.val_ranks, "val")
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(self.test_ranks, batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_ranks(self.test_ranks, "test")
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        """Global features of an image batch (``image_features``) or a caption batch (``text_features``)."""
+        out = {key: batch[key] for key in ("pids", "index") if key in batch}
+        if "images" in batch:
+            out["image_features"] = self.network.encode_image(batch["images"]).float()
+        else:
+            out["text_features"] = self.network.encode_text(batch["token_ids"]).float()
+        return out
+
+    # ---------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Store the backbone as its config: rebuilding never downloads or needs the original weights.
+        hparams = checkpoint.get("hyper_parameters")
+        if hparams is not None:
+            hparams["backbone"] = self.network.clip.config.to_dict()
+
+    # ------------------------------------------------------- notebook API
+    @property
+    def tokenizer(self):
+        """The CLIP tokenizer (the backbone folder's own if it has one, else the shipped one)."""
+        if self._tokenizer is None:
+            from tipr.tokenization import load_tokenizer
+
+            backbone = self.hparams.backbone
+            self._tokenizer = load_tokenizer(
+                backbone if isinstance(backbone, str) and backbone not in BACKBONE_PRESETS else None
+            )
+        return self._tokenizer
+
+    @torch.inference_mode()
+    def encode_captions(self, captions: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """L2-normalised text features ``(N, D)`` of raw captions (tokenized like the training data)."""
+        from tipr.tokenization import tokenize
+
+        if len(captions) == 0:
+            return torch.zeros(0, self.network.embed_dim, device=self.device)
+        was_training = self.training
+        self.eval()
+        try:
+            token_ids = tokenize(captions, self.tokenizer, context_length=self.hparams.text_length)
+            chunks = [
+                self.network.encode_text(chunk.to(self.device)).float()
+                for chunk in token_ids.split(batch_size)
+            ]
+        finally:
+            self.train(was_training)
+        return F.normalize(torch.cat(chunks), dim=-1)
+
+    @torch.inference_mode()
+    def encode_images(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """L2-normalised image features ``(N, D)`` of ``(N, 3, H, W)`` images, normalised as for evaluation."""
+        was_training = self.training
+        self.eval()
+        try:
+            chunks = [
+                self.network.encode_image(chunk.to(self.device)).float() for chunk in images.split(batch_size)
+            ]
+        finally:
+            self.train(was_training)
+        return F.normalize(torch.cat(chunks), dim=-1)
+
+    def similarity(self, text_features: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity ``(Nq, Ng)`` of captions (rows) against images (columns)."""
+        return self.network.similarity(text_features, image_features)
