@@ -1,0 +1,410 @@
+"""Exact rank metrics for text-to-image person retrieval, as pure functions.
+
+``retrieval_ranks`` returns Rank-k (CMC), mAP and mINP in percent, the metrics of
+the person-retrieval benchmarks (CUHK-PEDES, ICFG-PEDES, RSTPReid):
+
+- Rank-k: 1 if an item of the query's identity is among the top k, averaged over
+  queries.
+- AP: mean over the relevant items (same identity as the query) of the precision
+  at each one's rank, ``m / rank_m`` for the m-th best relevant item; mAP is the
+  mean over queries.
+- INP: ``num_relevant / rank_of_the_last_relevant_item``; mINP is the mean over
+  queries.
+
+How it differs from the usual implementation (sort every row of the full
+queries x gallery matrix, then loop over queries in Python): all three metrics
+only need the ranks of the relevant items, and the rank of a relevant item is a
+count, ``rank = 1 + #{items ranked before it}``. So queries are processed in
+chunks (peak memory grows with ``chunk x gallery``, never ``queries x gallery``)
+and, per chunk, items are counted instead of sorted:
+
+1. gather the similarities of each query's relevant items (a few per query) and
+   sort only those, ``u_1 <= ... <= u_n``;
+2. put every similarity of the row in one of ``M`` equal-width bins spanning
+   ``[u_1, u_n]`` (plus one bin below and one above), with a chain of monotone
+   element-wise float operations, and count the bins with ``bincount``;
+3. an item in a higher bin than ``u_j`` has a strictly higher similarity, one in
+   a lower bin a strictly lower one; only the few items that share a bin with a
+   relevant item are compared exactly (``s >= u_j``).
+
+The counts are exact: the binning only decides which comparisons can be skipped.
+Everything runs on the device of the inputs, with no copy to the host.
+
+Ties (pessimistic): a gallery item whose similarity equals that of a relevant
+item is ranked *before* it when it is not relevant, so a tie never helps the
+query. Relevant items with equal similarity take consecutive ranks (which of them
+comes first changes no metric). With continuous features ties are practically
+absent and the numbers equal those of a full ``argsort``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["retrieval_ranks"]
+
+#: Default size in bytes of one block of similarities (chunk x gallery) when
+#: ``chunk_size`` is not given.
+DEFAULT_MAX_CHUNK_BYTES = {"cpu": 64 * 2**20}
+DEFAULT_MAX_CHUNK_BYTES_ACCELERATOR = 256 * 2**20
+
+#: The counting passes over a block run on sub-blocks of at most this many
+#: entries: on CPU small enough that their temporaries (~13 bytes per entry)
+#: stay in the cache, which is several times faster than streaming a large block
+#: through memory several times. The matrix product prefers larger blocks, so
+#: the two are sized separately.
+COUNT_BLOCK_ENTRIES = {"cpu": 2**21}
+COUNT_BLOCK_ENTRIES_ACCELERATOR = 2**24
+
+_EMPTY_TARGET_ACTIONS = ("error", "skip")
+
+
+def retrieval_ranks(
+    similarity: Tensor | None = None,
+    query_pids: Tensor | None = None,
+    gallery_pids: Tensor | None = None,
+    *,
+    query_features: Tensor | None = None,
+    gallery_features: Tensor | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int | None = None,
+    max_chunk_bytes: int | None = None,
+    empty_target_action: str = "error",
+) -> dict[str, Tensor]:
+    """Rank-k, mAP and mINP (in percent) of a retrieval, computed exactly.
+
+    Give either a similarity matrix ``similarity`` (Q, G) or the features
+    ``query_features`` (Q, D) and ``gallery_features`` (G, D); features are
+    L2-normalised here and compared by cosine similarity, one chunk of queries
+    at a time, so the full (Q, G) matrix never exists.
+
+    Args:
+        similarity: (Q, G) float similarity of every query to every gallery item
+            (higher is more similar). Finite values only.
+        query_pids: (Q,) integer identity of each query.
+        gallery_pids: (G,) integer identity of each gallery item. A gallery item
+            is relevant to a query when the identities are equal.
+        query_features: (Q, D) query embeddings (instead of ``similarity``).
+        gallery_features: (G, D) gallery embeddings (instead of ``similarity``).
+        ks: the k of each Rank-k to report.
+        chunk_size: queries per block of similarities; default: as many as fit
+            ``max_chunk_bytes``.
+        max_chunk_bytes: size of one block of similarities (chunk x gallery x
+            4 bytes in float32), used to pick ``chunk_size``. Default 64 MiB on
+            CPU, 256 MiB on accelerators. Peak working memory is about this plus
+            13 bytes per entry of a counting sub-block (at most 2**21 entries on
+            CPU, 2**24 elsewhere; up to ~30 bytes when most similarities tie).
+        empty_target_action: what to do with a query whose identity has no item
+            in the gallery (its AP and INP are undefined): ``"error"`` (default)
+            raises a ``ValueError`` naming those queries, ``"skip"`` leaves them
+            out of every metric and warns with their number.
+
+    Returns:
+        dict with ``R{k}`` for each k in ``ks``, ``mAP`` and ``mINP``: 0-dim
+        float32 tensors in percent, on the device of the inputs.
+
+    Ties are pessimistic: a non-relevant item with the same similarity as a
+    relevant one is ranked before it (see the module docstring).
+
+    Example:
+        >>> sim = torch.tensor([[0.9, 0.8, 0.1], [0.2, 0.7, 0.3]])
+        >>> out = retrieval_ranks(sim, torch.tensor([0, 1]), torch.tensor([1, 0, 1]))
+        >>> {k: round(v.item(), 2) for k, v in out.items()}
+        {'R1': 0.0, 'R5': 100.0, 'R10': 100.0, 'mAP': 54.17, 'mINP': 58.33}
+    """
+    ks = _check_ks(ks)
+    if empty_target_action not in _EMPTY_TARGET_ACTIONS:
+        raise ValueError(
+            f"empty_target_action must be one of {_EMPTY_TARGET_ACTIONS}, got {empty_target_action!r}"
+        )
+    block_of, num_queries, num_gallery, device, dtype = _similarity_source(
+        similarity, query_features, gallery_features
+    )
+    query_pids = _check_pids("query_pids", query_pids, num_queries, "queries", device)
+    gallery_pids = _check_pids("gallery_pids", gallery_pids, num_gallery, "gallery items", device)
+
+    # Relevant items of every query: the gallery sorted by identity, and for each
+    # query where its identity's run starts and how long it is.
+    sorted_pids, gallery_order = torch.sort(gallery_pids, stable=True)
+    identities, counts = torch.unique_consecutive(sorted_pids, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.searchsorted(identities, query_pids).clamp_(max=identities.numel() - 1)
+    num_relevant = torch.where(identities[slot] == query_pids, counts[slot], 0)
+    run_start = starts[slot]
+
+    keep = num_relevant > 0
+    num_empty = int((~keep).sum())
+    if num_empty:
+        rows = (~keep).nonzero().flatten()[:5]
+        shown = ", ".join(f"row {r} (pid {p})" for r, p in zip(rows.tolist(), query_pids[rows].tolist()))
+        message = (
+            f"{num_empty} of {num_queries} queries have no relevant gallery item (no gallery item "
+            f"has their identity), e.g. {shown}; their AP and INP are undefined"
+        )
+        if empty_target_action == "error" or num_empty == num_queries:
+            raise ValueError(
+                message + ". Check that queries and gallery come from the same split, or pass "
+                "empty_target_action='skip' to leave such queries out."
+            )
+        warnings.warn(message + "; they are left out of every metric (empty_target_action='skip').", stacklevel=2)
+    query_rows = keep.nonzero().flatten() if num_empty else None
+    num_kept = num_queries - num_empty
+
+    itemsize = torch.finfo(dtype).bits // 8
+    if chunk_size is None:
+        if max_chunk_bytes is None:
+            max_chunk_bytes = DEFAULT_MAX_CHUNK_BYTES.get(device.type, DEFAULT_MAX_CHUNK_BYTES_ACCELERATOR)
+        chunk_size = max(1, int(max_chunk_bytes) // (num_gallery * itemsize))
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    chunk_size = min(chunk_size, num_kept)
+    count_entries = COUNT_BLOCK_ENTRIES.get(device.type, COUNT_BLOCK_ENTRIES_ACCELERATOR)
+    count_rows = max(1, min(chunk_size, count_entries // num_gallery))
+
+    acc_dtype = torch.float32 if device.type == "mps" else torch.float64
+    first_rank = torch.empty(num_kept, dtype=torch.long, device=device)
+    average_precision = torch.empty(num_kept, dtype=acc_dtype, device=device)
+    inverse_negative_penalty = torch.empty(num_kept, dtype=acc_dtype, device=device)
+    counter = _RelevantRankCounter(num_gallery, count_rows, dtype, device)
+    block_buffer = _Buffer((chunk_size, num_gallery), dtype, device)
+
+    for block_begin in range(0, num_kept, chunk_size):
+        block_end = min(block_begin + chunk_size, num_kept)
+        block_rows = None if query_rows is None else query_rows[block_begin:block_end]
+        block = block_of(block_begin, block_end, block_rows, block_buffer)  # (C, G)
+        for begin in range(block_begin, block_end, count_rows):
+            end = min(begin + count_rows, block_end)
+            sim = block[begin - block_begin : end - block_begin]  # contiguous rows
+            rows = slice(begin, end) if query_rows is None else query_rows[begin:end]
+            n = num_relevant[rows]
+            width = int(n.max())
+            position = torch.arange(width, device=device)
+            valid = position < n[:, None]  # (c, K)
+            relevant = gallery_order[run_start[rows, None] + torch.minimum(position, n[:, None] - 1)]  # (c, K)
+            ranks = counter(sim, relevant, valid, n).to(acc_dtype)  # (c, K), by ascending similarity
+            # the j-th lowest relevant similarity belongs to the (n - j)-th best relevant item
+            nth = (n[:, None] - position).to(acc_dtype)
+            average_precision[begin:end] = torch.where(valid, nth / ranks, 0).sum(1) / n.to(acc_dtype)
+            inverse_negative_penalty[begin:end] = n.to(acc_dtype) / ranks[:, 0]
+            first_rank[begin:end] = ranks.gather(1, (n - 1)[:, None]).squeeze(1).long()
+
+    result = {f"R{k}": (first_rank <= k).to(acc_dtype).mean() * 100 for k in ks}
+    result["mAP"] = average_precision.mean() * 100
+    result["mINP"] = inverse_negative_penalty.mean() * 100
+    return {name: value.to(torch.float32) for name, value in result.items()}
+
+
+class _Buffer:
+    """A work tensor allocated on first use and reused (leading rows sliced) across blocks."""
+
+    def __init__(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device):
+        self.shape, self.dtype, self.device = shape, dtype, device
+        self._tensor: Tensor | None = None
+
+    def __call__(self, rows: int) -> Tensor:
+        if self._tensor is None:
+            self._tensor = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        return self._tensor[:rows]
+
+
+class _RelevantRankCounter:
+    """Ranks of the relevant items of a few queries, by counting (see module docstring)."""
+
+    def __init__(self, num_gallery: int, max_rows: int, dtype: torch.dtype, device: torch.device):
+        # M equal-width bins over [u_1, u_n]: about 4 gallery items per bin, so
+        # few items share a bin with a relevant one; at most 4096 keeps the
+        # per-row histogram small.
+        self.num_bins = max(16, min(4096, num_gallery // 4))
+        self._binned = _Buffer((max_rows, num_gallery), dtype, device)
+        self._bin = _Buffer((max_rows, num_gallery), torch.int32, device)
+
+    def __call__(self, sim: Tensor, relevant: Tensor, valid: Tensor, n: Tensor) -> Tensor:
+        """Pessimistic 1-based rank of each relevant item.
+
+        Args:
+            sim: (c, G) similarities of some queries, contiguous, finite.
+            relevant: (c, K) gallery column of each relevant item (padding repeats a valid one).
+            valid: (c, K) which entries of ``relevant`` are real.
+            n: (c,) number of relevant items per query (>= 1).
+
+        Returns:
+            (c, K) long ranks, ordered by ascending similarity of the relevant
+            item; entries where ``valid`` is False are meaningless.
+        """
+        rows, num_gallery = sim.shape
+        width = relevant.shape[1]
+        device = sim.device
+        num_bins = self.num_bins
+        bins_per_row = num_bins + 3  # below u_1 | M bins over [u_1, u_n] (+ rounding slack) | above
+        binned, bin_index = self._binned(rows), self._bin(rows)
+
+        # 1. the relevant similarities, sorted ascending; padding -> +inf at the end
+        threshold = sim.gather(1, relevant).masked_fill_(~valid, float("inf"))
+        threshold, order = threshold.sort(dim=1)  # (c, K)
+        relevant = relevant.gather(1, order)
+        low = threshold[:, :1]
+        high = threshold.gather(1, (n - 1)[:, None])
+        finfo = torch.finfo(sim.dtype)
+        scale = num_bins / (high - low).clamp(min=16 * num_bins / finfo.max, max=finfo.max)  # (c, 1), finite
+
+        # 2. bin of every similarity. Each step is a separate, correctly rounded,
+        # non-decreasing operation, so s > t implies bin(s) >= bin(t): a higher
+        # bin always means a strictly higher similarity. u_1 lands in bin 1,
+        # u_n in bin ~M + 1; lower items in bin 0, much higher ones in bin M + 2.
+        torch.sub(sim, low, out=binned)
+        binned.mul_(scale).add_(1.5).clamp_(0, num_bins + 2)
+        bin_index.copy_(binned)  # truncation == floor on values >= 0
+        row_offset = torch.arange(rows, dtype=torch.int32, device=device)[:, None] * bins_per_row
+        bin_index.add_(row_offset)  # (c, G): bins of row r are r * B ... r * B + B - 1
+        histogram = torch.bincount(bin_index.view(-1), minlength=rows * bins_per_row).view(rows, bins_per_row)
+        threshold_bin = bin_index.gather(1, relevant).long()  # (c, K), absolute bin ids
+        at_or_below = histogram.cumsum(1).gather(1, threshold_bin - row_offset)
+        above = num_gallery - at_or_below  # items in a strictly higher bin: s > u_j
+
+        # 3. items sharing a bin with a relevant item: compare exactly. The
+        # relevant items of one bin are consecutive in j (a run); a table maps a
+        # bin to the flat slot r * K + j of its run's first item, and the run
+        # length is kept at that slot.
+        first_in_run = valid.clone()
+        first_in_run[:, 1:] &= threshold_bin[:, 1:] != threshold_bin[:, :-1]
+        runs = first_in_run.view(-1).nonzero().squeeze(1)  # flat slots, ascending
+        run_length = torch.zeros(rows * width, dtype=torch.long, device=device)
+        run_length[runs] = torch.bincount(first_in_run.view(-1).cumsum(0)[valid.view(-1)] - 1)
+        longest_run = int(run_length.max())
+        first_slot = torch.full((rows * bins_per_row,), -1, dtype=torch.int32, device=device)
+        first_slot[threshold_bin.view(-1)[runs]] = runs.to(torch.int32)
+        candidates = (first_slot >= 0).index_select(0, bin_index.view(-1)).nonzero().squeeze(1)  # flat positions
+        threshold_flat = threshold.view(-1)
+        same_bin_at_or_above = torch.zeros(rows * width, dtype=torch.long, device=device)
+        block = max(1, rows * num_gallery // 4)  # bounds the temporaries when most similarities tie
+        for begin in range(0, candidates.numel(), block):
+            flat = candidates[begin : begin + block]
+            value = sim.view(-1)[flat]
+            first = first_slot[bin_index.view(-1)[flat]].long()
+            length = run_length[first]
+            for t in range(longest_run):  # usually 1: one relevant item per shared bin
+                inside = length > t
+                at = torch.where(inside, first + t, first)  # slot of the run's t-th relevant item
+                hit = inside & (value >= threshold_flat[at])
+                same_bin_at_or_above += torch.bincount(at[hit], minlength=rows * width)
+        at_or_above_threshold = above + same_bin_at_or_above.view(rows, width)  # s >= u_j, relevant included
+
+        # relevant items with s >= u_j (the padding is +inf, never below a real threshold)
+        relevant_at_or_above = n[:, None] - torch.searchsorted(threshold, threshold)
+        position = torch.arange(width, device=device)
+        # rank of the j-th lowest = its place among the relevant items (n - j)
+        # + the non-relevant items with s >= u_j (pessimistic ties)
+        return (n[:, None] - position) + at_or_above_threshold - relevant_at_or_above
+
+
+def _similarity_source(
+    similarity: Tensor | None, query_features: Tensor | None, gallery_features: Tensor | None
+) -> tuple[Callable[..., Tensor], int, int, torch.device, torch.dtype]:
+    """Validate the inputs and return a function giving the similarity rows of a chunk."""
+    has_features = query_features is not None or gallery_features is not None
+    if similarity is not None and has_features:
+        raise ValueError("give either `similarity` or `query_features` and `gallery_features`, not both")
+    if similarity is None and not has_features:
+        raise ValueError("give a `similarity` matrix (Q, G) or `query_features` (Q, D) and `gallery_features` (G, D)")
+
+    if similarity is not None:
+        if not isinstance(similarity, Tensor) or similarity.dim() != 2:
+            raise ValueError(f"similarity must be a 2-D tensor (Q, G), got {_describe(similarity)}")
+        if not similarity.is_floating_point():
+            raise TypeError(f"similarity must be a float tensor, got dtype {similarity.dtype}")
+        num_queries, num_gallery = similarity.shape
+        _check_not_empty(num_queries, num_gallery)
+        dtype = torch.promote_types(similarity.dtype, torch.float32)
+
+        def block_of(begin: int, end: int, rows: Tensor | None, buffer: Callable[[int], Tensor]) -> Tensor:
+            block = similarity[begin:end] if rows is None else similarity.index_select(0, rows)
+            block = block.to(dtype).contiguous()
+            if not torch.isfinite(block).all():
+                bad = (~torch.isfinite(block)).any(1).nonzero().flatten()[:5]
+                raise ValueError(
+                    f"similarity has NaN or infinite values, e.g. in rows "
+                    f"{(bad + begin if rows is None else rows[bad]).tolist()}; "
+                    "expected finite similarities"
+                )
+            return block
+
+        return block_of, num_queries, num_gallery, similarity.device, dtype
+
+    if query_features is None or gallery_features is None:
+        missing = "query_features" if query_features is None else "gallery_features"
+        raise ValueError(f"{missing} is missing: give both query_features and gallery_features")
+    _check_features("query_features", query_features)
+    _check_features("gallery_features", gallery_features)
+    if query_features.shape[1] != gallery_features.shape[1]:
+        raise ValueError(
+            f"query_features have dimension {query_features.shape[1]} but gallery_features have "
+            f"{gallery_features.shape[1]}; both must embed into the same space"
+        )
+    if query_features.device != gallery_features.device:
+        raise ValueError(
+            f"query_features are on {query_features.device} but gallery_features on {gallery_features.device}"
+        )
+    _check_not_empty(query_features.shape[0], gallery_features.shape[0])
+    dtype = torch.promote_types(torch.promote_types(query_features.dtype, gallery_features.dtype), torch.float32)
+    queries = F.normalize(query_features.detach().to(dtype), dim=1)
+    gallery_t = F.normalize(gallery_features.detach().to(dtype), dim=1).t()  # (D, G)
+
+    def block_of(begin: int, end: int, rows: Tensor | None, buffer: Callable[[int], Tensor]) -> Tensor:
+        block = queries[begin:end] if rows is None else queries.index_select(0, rows)
+        return torch.mm(block, gallery_t, out=buffer(end - begin))  # (C, G)
+
+    return block_of, query_features.shape[0], gallery_features.shape[0], query_features.device, dtype
+
+
+def _check_features(name: str, features: Tensor) -> None:
+    if not isinstance(features, Tensor) or features.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D tensor (N, D), got {_describe(features)}")
+    if not features.is_floating_point():
+        raise TypeError(f"{name} must be a float tensor, got dtype {features.dtype}")
+    if features.shape[1] == 0:
+        raise ValueError(f"{name} has 0 feature dimensions (shape {tuple(features.shape)})")
+    finite = torch.isfinite(features).all(dim=1)
+    if not finite.all():
+        bad = (~finite).nonzero().flatten()
+        raise ValueError(
+            f"{name} has NaN or infinite values in {bad.numel()} of {features.shape[0]} rows, "
+            f"e.g. rows {bad[:5].tolist()}; expected finite embeddings"
+        )
+
+
+def _check_not_empty(num_queries: int, num_gallery: int) -> None:
+    if num_queries == 0:
+        raise ValueError("there are no queries (0 rows); retrieval metrics need at least one query")
+    if num_gallery == 0:
+        raise ValueError("the gallery is empty (0 items); retrieval metrics need at least one gallery item")
+
+
+def _check_pids(name: str, pids: Tensor | None, expected: int, what: str, device: torch.device) -> Tensor:
+    if pids is None:
+        raise ValueError(f"{name} is missing: give the identity of each of the {expected} {what}")
+    pids = torch.as_tensor(pids)
+    if pids.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(pids.shape)}")
+    if pids.is_floating_point() or pids.is_complex() or pids.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer identities, got dtype {pids.dtype}")
+    if pids.numel() != expected:
+        raise ValueError(f"{name} has {pids.numel()} entries but there are {expected} {what}")
+    return pids.to(device=device, dtype=torch.long)
+
+
+def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    ks = tuple(ks)
+    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        raise ValueError(f"ks must be a non-empty sequence of positive ints, got {ks!r}")
+    return ks
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"shape {tuple(value.shape)}"
+    return type(value).__name__
