@@ -1,0 +1,51 @@
+"""Data: benchmark readers, datasets, transforms, the identity sampler, the synthetic
+benchmark, caption pruning and ``TIPRDataModule``.
+
+Names are imported lazily, so ``from tipr.data.pruning import prune_caption``
+does not pull in Lightning or torchvision.
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "TIPRDataModule": "datamodule",
+    "DATASETS": "datamodule",
+    "BENCHMARKS": "benchmarks",
+    "PUBLIC_COUNTS": "benchmarks",
+    "Benchmark": "benchmarks",
+    "BenchmarkError": "benchmarks",
+    "Split": "benchmarks",
+    "read_benchmark": "benchmarks",
+    "read_benchmark_folder": "benchmarks",
+    "split_table": "benchmarks",
+    "TrainPairs": "datasets",
+    "GalleryImages": "datasets",
+    "QueryCaptions": "datasets",
+    "read_image": "datasets",
+    "IdentitySampler": "samplers",
+    "identity_batches": "samplers",
+    "CLIP_MEAN": "transforms",
+    "CLIP_STD": "transforms",
+    "build_train_transform": "transforms",
+    "build_eval_transform": "transforms",
+    "SyntheticConfig": "synthetic",
+    "generate_synthetic": "synthetic",
+    "ensure_synthetic": "synthetic",
+    "save_sample_grid": "synthetic",
+    "prune_caption": "pruning",
+    "prune_captions": "pruning",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

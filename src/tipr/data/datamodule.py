@@ -1,0 +1,299 @@
+"""``TIPRDataModule``: the LightningDataModule that feeds SEN training and evaluation."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from tipr.data.benchmarks import BENCHMARKS, PUBLIC_COUNTS, Benchmark, read_benchmark, read_benchmark_folder, split_table
+from tipr.data.datasets import GalleryImages, QueryCaptions, TrainPairs
+from tipr.data.pruning import TAGGER_ASSET, prune_captions
+from tipr.data.samplers import IdentitySampler
+from tipr.data.synthetic import SyntheticConfig, ensure_synthetic
+from tipr.data.transforms import build_eval_transform, build_train_transform
+from tipr.tokenization import load_tokenizer, tokenize
+
+__all__ = ["DATASETS", "TIPRDataModule"]
+
+DATASETS = (*BENCHMARKS, "synthetic")
+SYNTHETIC_FORMAT = "CUHK-PEDES"
+_CACHE_VERSION = 1
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
+
+
+class TIPRDataModule(L.LightningDataModule):
+    """Training pairs, identity-aware batches and evaluation sets for one benchmark.
+
+    Training batches: ``{"images": float32 (B, 3, H, W), "token_ids": int64 (B, L),
+    "pids": int64 (B,) labels 0..num_classes-1, "index": int64 (B,)}``.
+    ``val_dataloader()`` / ``test_dataloader()`` return ``[query_loader, gallery_loader]``:
+    caption queries ``{"token_ids", "pids", "index"}`` and gallery images
+    ``{"images", "pids", "index"}``, with the benchmark's own identity numbers and
+    ``index`` = position in that evaluation set.
+
+    Validation uses the ``val`` split; ICFG-PEDES has none, so it validates on
+    ``test`` (logged at setup). ``num_classes`` reads the annotation file on
+    first access (a missing folder or file fails right there, naming the path).
+
+    Every caption is tokenized, and every training caption pruned, once at setup
+    and cached in ``cache_dir`` (default ``<dataset folder>/.tipr_cache``) under
+    a key made of the annotation file's content, the tokenizer's files,
+    ``text_length`` and the pruning tagger, so a second run starts at once.
+
+    Args:
+        dataset: ``"CUHK-PEDES"``, ``"ICFG-PEDES"``, ``"RSTPReid"`` (read from
+            ``<root>/<dataset>/``) or ``"synthetic"`` (generated on first use into
+            ``<root>/synthetic/`` in the CUHK-PEDES format, then read like CUHK-PEDES).
+        root: folder holding the dataset folders.
+        image_size: model input (H, W).
+        batch_size: training batch size per process.
+        eval_batch_size: batch size of the evaluation loaders.
+        num_workers: loader worker processes (training and gallery loaders; the
+            query loader only indexes a tensor and runs in the main process).
+        text_length: token context length (77 for CLIP).
+        prune_prob: probability that a training sample uses its pruned caption.
+        sampler: ``"identity"`` (batches of identities contributing 1 to
+            ``max_per_identity`` samples each, DDP-aware) or ``"random"``.
+        max_per_identity: most samples of one identity in an identity batch.
+        flip, pad_crop, random_erasing: training augmentations of the recipe.
+        tokenizer: ``None`` for the shipped CLIP tokenizer, or a local checkpoint
+            folder with tokenizer files (see :func:`tipr.tokenization.load_tokenizer`).
+        cache_dir: where the token cache goes (must be writable; if the default
+            is not, tokens are computed in memory with a warning).
+        seed: seed of the identity sampler's epoch plans and of caption pruning draws.
+        num_train_ids, num_val_ids, num_test_ids, images_per_id, captions_per_image,
+        synthetic_image_size: size of the synthetic benchmark (``dataset="synthetic"`` only;
+            its own val identities, disjoint from test; ``num_val_ids=0`` validates on test).
+    """
+
+    def __init__(
+        self,
+        dataset: Literal["CUHK-PEDES", "ICFG-PEDES", "RSTPReid", "synthetic"] = "synthetic",
+        root: str = "data",
+        image_size: tuple[int, int] = (384, 128),
+        batch_size: int = 128,
+        eval_batch_size: int = 256,
+        num_workers: int = 4,
+        text_length: int = 77,
+        prune_prob: float = 0.2,
+        sampler: Literal["identity", "random"] = "identity",
+        max_per_identity: int = 2,
+        flip: bool = True,
+        pad_crop: bool = True,
+        random_erasing: bool = True,
+        tokenizer: str | None = None,
+        cache_dir: str | None = None,
+        seed: int = 0,
+        num_train_ids: int = 500,
+        num_val_ids: int = 100,
+        num_test_ids: int = 100,
+        images_per_id: int = 4,
+        captions_per_image: int = 2,
+        synthetic_image_size: tuple[int, int] = (128, 64),
+    ):
+        super().__init__()
+        if dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+        if sampler not in ("identity", "random"):
+            raise ValueError(f"sampler must be 'identity' or 'random', got {sampler!r}")
+        if len(image_size) != 2 or min(image_size) < 1:
+            raise ValueError(f"image_size must be (height, width) with positive values, got {image_size!r}")
+        if not 0.0 <= prune_prob <= 1.0:
+            raise ValueError(f"prune_prob must be in [0, 1], got {prune_prob}")
+        if min(batch_size, eval_batch_size, max_per_identity) < 1 or num_workers < 0 or text_length < 2:
+            raise ValueError("batch sizes and max_per_identity must be >= 1, num_workers >= 0, text_length >= 2")
+        self.save_hyperparameters()
+        self.dataset = dataset
+        self.root = Path(root)
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.text_length = int(text_length)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.prune_prob = prune_prob
+        self.sampler = sampler
+        self.max_per_identity = max_per_identity
+        self.augment = {"flip": flip, "pad_crop": pad_crop, "random_erasing": random_erasing}
+        self.tokenizer = tokenizer
+        self.cache_dir = cache_dir
+        self.seed = seed
+        self.synthetic = (
+            SyntheticConfig(num_train_ids, num_val_ids, num_test_ids, images_per_id, captions_per_image,
+                            tuple(synthetic_image_size), seed=0, format=SYNTHETIC_FORMAT)
+            if dataset == "synthetic" else None
+        )
+        self._benchmark: Benchmark | None = None
+        self._tokens: dict[str, dict[str, torch.Tensor]] | None = None
+        self.train_set: TrainPairs | None = None
+        self.eval_sets: dict[str, tuple[QueryCaptions, GalleryImages]] = {}
+
+    # ------------------------------------------------------------ reading
+
+    @property
+    def folder(self) -> Path:
+        """The dataset folder, ``<root>/<dataset>``."""
+        return self.root / self.dataset
+
+    @property
+    def benchmark(self) -> Benchmark:
+        """The benchmark, read (and validated) on first access; synthetic data is generated first if needed."""
+        if self._benchmark is None:
+            if self.synthetic is not None:
+                ensure_synthetic(self.folder, self.synthetic)
+                benchmark = read_benchmark_folder(self.folder, SYNTHETIC_FORMAT)
+                if benchmark.num_classes != self.synthetic.num_train_ids:
+                    raise RuntimeError(f"{benchmark.annotation} has {benchmark.num_classes} training identities, "
+                                       f"expected {self.synthetic.num_train_ids}; delete {self.folder} to regenerate it")
+            else:
+                benchmark = read_benchmark(self.dataset, self.root)
+            reference = None if self.synthetic is not None else PUBLIC_COUNTS.get(self.dataset)
+            rank_zero_info(split_table(benchmark, reference, title=self.dataset))
+            self._benchmark = benchmark
+        return self._benchmark
+
+    @property
+    def num_classes(self) -> int:
+        """Number of training identities (the ID classifier's width)."""
+        if self.synthetic is not None and self._benchmark is None:
+            return self.synthetic.num_train_ids  # known without generating the data
+        return self.benchmark.num_classes
+
+    def eval_split(self, stage: str) -> str:
+        """The split evaluated at ``stage`` ("validate" or "test"): validation falls back to test without val."""
+        return "val" if stage == "validate" and "val" in self.benchmark.splits else "test"
+
+    # ------------------------------------------------------------ captions
+
+    def _cache_key(self) -> str:
+        h = hashlib.sha256(f"tipr-tokens-v{_CACHE_VERSION} text_length={self.text_length}\n".encode())
+        with open(self.benchmark.annotation, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        tokenizer = load_tokenizer(self.tokenizer)
+        folder = Path(getattr(tokenizer, "name_or_path", "") or "")
+        files = [folder / n for n in _TOKENIZER_FILES if (folder / n).is_file()] if folder.is_dir() else []
+        h.update(f"{type(tokenizer).__name__} {len(tokenizer)}\n".encode())
+        for path in files:
+            h.update(path.name.encode() + path.read_bytes())
+        h.update(resources.files("tipr").joinpath(TAGGER_ASSET).read_bytes())
+        h.update(resources.files("tipr.data").joinpath("pruning.py").read_bytes())
+        return h.hexdigest()
+
+    def _cache_path(self, key: str) -> Path:
+        folder = Path(self.cache_dir) if self.cache_dir else self.folder / ".tipr_cache"
+        return folder / f"tokens-{key[:20]}.pt"
+
+    def _compute_tokens(self) -> dict[str, dict[str, torch.Tensor]]:
+        tokenizer = load_tokenizer(self.tokenizer)
+        out = {}
+        for name, split in self.benchmark.splits.items():
+            entry = {"tokens": tokenize(split.captions, tokenizer, self.text_length).to(torch.int32)}
+            if name == "train":
+                entry["pruned"] = tokenize(prune_captions(split.captions), tokenizer, self.text_length).to(torch.int32)
+            out[name] = entry
+        return out
+
+    def caption_tokens(self) -> dict[str, dict[str, torch.Tensor]]:
+        """``{split: {"tokens": int32 (N, L), "pruned": int32 (N, L) (train only)}}``, from the cache if possible."""
+        if self._tokens is not None:
+            return self._tokens
+        key = self._cache_key()
+        path = self._cache_path(key)
+        if path.is_file():
+            try:
+                cached = torch.load(path, map_location="cpu", weights_only=True)
+                if cached.get("key") == key:
+                    self._tokens = cached["splits"]
+                    return self._tokens
+            except Exception as e:  # a truncated or foreign file: recompute and overwrite
+                rank_zero_info(f"ignoring unreadable token cache {path} ({type(e).__name__}: {e})")
+        rank_zero_info(f"{self.dataset}: tokenizing and pruning captions once (cache: {path})")
+        self._tokens = self._compute_tokens()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            torch.save({"key": key, "splits": self._tokens}, tmp)
+            os.replace(tmp, path)
+        except OSError as e:
+            if self.cache_dir:
+                raise OSError(f"cannot write the token cache to cache_dir={self.cache_dir}: {e}") from e
+            warnings.warn(f"cannot write the token cache next to the data ({path}: {e}); set cache_dir to keep it between runs")
+        return self._tokens
+
+    # ------------------------------------------------------------ Lightning hooks
+
+    def prepare_data(self) -> None:
+        """Once per node: generate the synthetic data if needed and fill the token cache."""
+        self.caption_tokens()
+
+    def setup(self, stage: str | None = None) -> None:
+        tokens = self.caption_tokens()
+        benchmark = self.benchmark
+        if stage in (None, "fit") and self.train_set is None:
+            train = benchmark.split("train")
+            self.train_set = TrainPairs(
+                benchmark.image_dir,
+                train.image_paths,
+                torch.from_numpy(train.caption_images),
+                torch.from_numpy(benchmark.train_labels[train.caption_images]),
+                tokens["train"]["tokens"],
+                tokens["train"]["pruned"],
+                transform=build_train_transform(self.image_size, **self.augment),
+                prune_prob=self.prune_prob,
+                seed=self.seed,
+            )
+        stages = {None: ("validate", "test"), "fit": ("validate",), "validate": ("validate",), "test": ("test",)}.get(stage, ())
+        for eval_stage in stages:
+            split_name = self.eval_split(eval_stage)
+            if split_name in self.eval_sets:
+                continue
+            if eval_stage == "validate" and split_name == "test":
+                rank_zero_info(f"{self.dataset} has no val split: validation uses the test split")
+            split = benchmark.split(split_name)
+            self.eval_sets[split_name] = (
+                QueryCaptions(tokens[split_name]["tokens"], split.caption_pids),
+                GalleryImages(benchmark.image_dir, split.image_paths, split.image_pids, build_eval_transform(self.image_size)),
+            )
+
+    def _loader_options(self) -> dict:
+        return {
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            "pin_memory": torch.cuda.is_available(),
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        if self.sampler == "identity":
+            sampler = IdentitySampler(self.train_set.labels, self.batch_size, self.max_per_identity, seed=self.seed)
+            return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True, **self._loader_options())
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True, **self._loader_options())
+
+    def _eval_loaders(self, stage: str) -> list[DataLoader]:
+        split_name = self.eval_split(stage)
+        if split_name not in self.eval_sets:
+            self.setup(stage)
+        queries, gallery = self.eval_sets[split_name]
+        return [
+            DataLoader(queries, batch_size=self.eval_batch_size, num_workers=0),
+            DataLoader(gallery, batch_size=self.eval_batch_size, **self._loader_options()),
+        ]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """``[query_loader, gallery_loader]`` of the validation split."""
+        return self._eval_loaders("validate")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """``[query_loader, gallery_loader]`` of the test split."""
+        return self._eval_loaders("test")

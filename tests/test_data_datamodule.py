@@ -1,0 +1,186 @@
+"""TIPRDataModule end to end on a tiny synthetic benchmark: batches, tokens, eval sets, cache, errors."""
+
+import pytest
+import torch
+from torch.utils.data import RandomSampler
+
+import tipr.data.datamodule as datamodule_module
+from tipr.data import TIPRDataModule
+from tipr.data.datasets import GalleryImages, read_image
+from tipr.data.pruning import prune_captions
+from tipr.data.samplers import IdentitySampler
+from tipr.data.synthetic import generate_synthetic
+from tipr.data.transforms import CLIP_MEAN, CLIP_STD, build_eval_transform, build_train_transform
+from tipr.tokenization import tokenize
+
+TINY = dict(num_train_ids=6, num_val_ids=2, num_test_ids=3, images_per_id=2, captions_per_image=2, synthetic_image_size=(64, 32))
+
+
+def make(root, **kwargs):
+    options = dict(dataset="synthetic", root=str(root), image_size=(48, 16), batch_size=8, eval_batch_size=5,
+                   num_workers=0, text_length=40, **TINY)
+    options.update(kwargs)
+    return TIPRDataModule(**options)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make(root).prepare_data()  # generates data/synthetic and the token cache once
+    return root
+
+
+def test_train_batches_shapes_labels_and_tokens(root):
+    dm = make(root, prune_prob=0.5)
+    dm.setup("fit")
+    train = dm.benchmark.split("train")
+    full = tokenize(train.captions, context_length=40)
+    pruned = tokenize(prune_captions(train.captions), context_length=40)
+    loader = dm.train_dataloader()
+    assert isinstance(loader.sampler, IdentitySampler) and len(loader) == 24 // 8
+    used = {"full": 0, "pruned": 0}
+    for batch in loader:
+        assert sorted(batch) == ["images", "index", "pids", "token_ids"]
+        assert batch["images"].shape == (8, 3, 48, 16) and batch["images"].dtype == torch.float32
+        assert batch["token_ids"].shape == (8, 40) and batch["token_ids"].dtype == torch.int64
+        assert batch["pids"].dtype == torch.int64 and batch["index"].dtype == torch.int64
+        lo = (0 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+        hi = (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+        assert (batch["images"] >= lo[:, None, None] - 1e-5).all() and (batch["images"] <= hi[:, None, None] + 1e-5).all()
+        for i, tokens, pid in zip(batch["index"].tolist(), batch["token_ids"], batch["pids"].tolist()):
+            # Label = contiguous label of the caption's image; tokens = its caption, full or pruned.
+            assert pid == dm.benchmark.train_labels[train.caption_images[i]]
+            if torch.equal(tokens, full[i]):
+                used["full"] += 1
+            else:
+                assert torch.equal(tokens, pruned[i]), train.captions[i]
+                used["pruned"] += 1
+    assert used["full"] > 0 and used["pruned"] > 0
+    assert dm.num_classes == 6 and sorted(set(dm.benchmark.train_labels.tolist())) == list(range(6))
+
+
+def test_prune_prob_zero_and_one(root):
+    for prob, captions in ((0.0, None), (1.0, "pruned")):
+        dm = make(root, prune_prob=prob, sampler="random")
+        dm.setup("fit")
+        train = dm.benchmark.split("train")
+        texts = prune_captions(train.captions) if captions else list(train.captions)
+        expected = tokenize(texts, context_length=40)
+        batch = next(iter(dm.train_dataloader()))
+        assert torch.equal(batch["token_ids"], expected[batch["index"]])
+
+
+def test_random_sampler_and_one_worker(root):
+    dm = make(root, sampler="random", num_workers=1)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert isinstance(loader.sampler, RandomSampler) and loader.drop_last and loader.persistent_workers
+    batches = list(loader)
+    assert len(batches) == 3
+    assert sorted(torch.cat([b["index"] for b in batches]).tolist()) == sorted(set(torch.cat([b["index"] for b in batches]).tolist()))
+
+
+def test_eval_sets_are_exactly_the_split(root):
+    dm = make(root)
+    dm.setup("fit")
+    dm.setup("test")
+    b = dm.benchmark
+    for loaders, split in ((dm.val_dataloader(), b.split("val")), (dm.test_dataloader(), b.split("test"))):
+        assert isinstance(loaders, list) and len(loaders) == 2
+        queries, gallery = loaders
+        q = list(queries)
+        assert sorted(q[0]) == ["index", "pids", "token_ids"]
+        assert torch.cat([x["index"] for x in q]).tolist() == list(range(split.num_captions))
+        assert torch.cat([x["pids"] for x in q]).tolist() == split.caption_pids.tolist()  # the benchmark's own ids
+        assert torch.equal(torch.cat([x["token_ids"] for x in q]), tokenize(split.captions, context_length=40))
+        g = list(gallery)
+        assert sorted(g[0]) == ["images", "index", "pids"]
+        assert torch.cat([x["index"] for x in g]).tolist() == list(range(split.num_images))
+        assert torch.cat([x["pids"] for x in g]).tolist() == split.image_pids.tolist()
+        assert g[0]["images"].shape[1:] == (3, 48, 16) and g[0]["images"].dtype == torch.float32
+    assert set(b.split("val").image_pids.tolist()).isdisjoint(b.split("test").image_pids.tolist())
+
+
+def test_icfg_validates_on_test(tmp_path, caplog):
+    generate_synthetic(tmp_path / "ICFG-PEDES", num_train_ids=4, num_test_ids=3, images_per_id=2, captions_per_image=1,
+                       image_size=(64, 32), format="ICFG-PEDES")
+    dm = TIPRDataModule("ICFG-PEDES", str(tmp_path), image_size=(48, 16), batch_size=4, num_workers=0, text_length=40)
+    assert dm.num_classes == 4
+    with caplog.at_level("INFO"):
+        dm.setup("fit")
+    assert "ICFG-PEDES has no val split: validation uses the test split" in caplog.text
+    assert "public ids/images/captions" in caplog.text  # the split table, with the public numbers
+    queries, gallery = dm.val_dataloader()
+    assert torch.cat([x["pids"] for x in queries]).tolist() == dm.benchmark.split("test").caption_pids.tolist()
+    assert len(gallery.dataset) == 6
+
+
+def test_tokens_come_from_the_cache_the_second_time(root, monkeypatch):
+    first = make(root)
+    first.setup("fit")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("tokenized or pruned again despite the cache")
+
+    monkeypatch.setattr(datamodule_module, "tokenize", forbidden)
+    monkeypatch.setattr(datamodule_module, "prune_captions", forbidden)
+    second = make(root)
+    second.setup("fit")
+    for split, entry in first.caption_tokens().items():
+        for kind, tokens in entry.items():
+            assert torch.equal(second.caption_tokens()[split][kind], tokens)
+    # Another context length is another key: it must tokenize (and here hit the forbidden stand-in).
+    with pytest.raises(AssertionError, match="despite the cache"):
+        make(root, text_length=30).setup("fit")
+    assert len(list((root / "synthetic" / ".tipr_cache").glob("tokens-*.pt"))) == 1
+
+
+def test_num_classes_is_lazy_and_a_wrong_root_fails_at_once(tmp_path):
+    dm = make(tmp_path / "later")
+    assert dm.num_classes == 6 and dm.image_size == (48, 16) and dm.text_length == 40
+    assert not (tmp_path / "later").exists()  # nothing generated yet
+    real = TIPRDataModule("CUHK-PEDES", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "missing" / "CUHK-PEDES")):
+        real.num_classes
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="unknown dataset 'cuhk'"):
+        TIPRDataModule("cuhk", str(tmp_path))
+    with pytest.raises(ValueError, match="sampler must be 'identity' or 'random'"):
+        TIPRDataModule(root=str(tmp_path), sampler="pk")
+    with pytest.raises(ValueError, match=r"prune_prob must be in \[0, 1\]"):
+        TIPRDataModule(root=str(tmp_path), prune_prob=2.0)
+
+
+def test_undecodable_image_names_its_path(tmp_path):
+    bad = tmp_path / "imgs" / "broken.jpg"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    gallery = GalleryImages(tmp_path / "imgs", ["broken.jpg"], [3], build_eval_transform((48, 16)))
+    with pytest.raises(RuntimeError, match=f"cannot read image {bad}"):
+        gallery[0]
+
+
+def test_transforms():
+    mean_pixel = torch.tensor([round(255 * m) for m in CLIP_MEAN], dtype=torch.uint8)[:, None, None]
+    out = build_eval_transform((24, 8))(mean_pixel.expand(3, 48, 16).clone())
+    assert out.shape == (3, 24, 8) and out.abs().max() < 0.01
+    white = torch.full((3, 30, 10), 255, dtype=torch.uint8)
+    erase = build_train_transform((30, 10), flip=False, pad_crop=False, random_erasing=True, erasing_prob=1.0)
+    out = erase(white)
+    white_level = (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    erased = out.abs().amax(0) < 0.01  # filled with the mean pixel -> 0 after normalisation
+    assert 0.02 * 300 <= erased.sum() <= 0.4 * 300 + 10
+    assert torch.allclose(out[:, ~erased], white_level[:, None].expand(3, int((~erased).sum())), atol=1e-5)
+    torch.manual_seed(0)
+    padded = build_train_transform((30, 10), flip=False, random_erasing=False)
+    assert any((padded(white) < -1).any() for _ in range(5))  # zero padding shows up after some crops
+
+
+def test_read_image_is_rgb(tmp_path):
+    from PIL import Image
+
+    Image.new("L", (5, 7), 100).save(tmp_path / "gray.png")
+    image = read_image(tmp_path / "gray.png")
+    assert image.shape == (3, 7, 5) and image.dtype == torch.uint8 and int(image[1, 0, 0]) == 100

@@ -1,0 +1,131 @@
+"""The synthetic benchmark: deterministic, readable by the real readers in all three formats, learnable captions."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tipr.data.benchmarks import read_benchmark_folder
+from tipr.data.pruning import prune_captions
+from tipr.data.synthetic import (
+    COLOURS,
+    META_FILE,
+    SyntheticConfig,
+    _distinct_persons,
+    describe,
+    ensure_synthetic,
+    generate_synthetic,
+    sample_person,
+    save_sample_grid,
+)
+
+SMALL = SyntheticConfig(num_train_ids=5, num_val_ids=2, num_test_ids=3, images_per_id=2, captions_per_image=2, image_size=(64, 32))
+
+
+def folder_bytes(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
+    a = folder_bytes(generate_synthetic(tmp_path / "a", SMALL))
+    b = folder_bytes(generate_synthetic(tmp_path / "b", SMALL))
+    c = folder_bytes(generate_synthetic(tmp_path / "c", SMALL, seed=1))
+    assert a == b
+    assert a.keys() == c.keys()
+    assert a["reid_raw.json"] != c["reid_raw.json"]
+    assert a["imgs/train/00001_0.jpg"] != c["imgs/train/00001_0.jpg"]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "annotation", "first_id", "splits"),
+    [("CUHK-PEDES", "reid_raw.json", 1, {"train": 5, "val": 2, "test": 3}),
+     ("ICFG-PEDES", "ICFG-PEDES.json", 0, {"train": 5, "test": 3}),
+     ("RSTPReid", "data_captions.json", 0, {"train": 5, "val": 2, "test": 3})],
+)
+def test_each_format_reads_back_with_the_real_reader(tmp_path, fmt, annotation, first_id, splits):
+    folder = generate_synthetic(tmp_path / fmt, SMALL, format=fmt)
+    assert (folder / annotation).is_file()
+    b = read_benchmark_folder(folder, fmt)
+    assert {name: s.num_ids for name, s in b.splits.items()} == splits
+    for s in b.splits.values():
+        assert s.num_images == 2 * s.num_ids and s.num_captions == 4 * s.num_ids
+    all_ids = [set(s.image_pids.tolist()) for s in b.splits.values()]
+    assert min(min(ids) for ids in all_ids) == first_id
+    assert sum(len(ids) for ids in all_ids) == len(set().union(*all_ids))  # disjoint identities
+    with Image.open(folder / "imgs" / b.split("test").image_paths[0]) as im:
+        assert (im.height, im.width) == (64, 32) and im.mode == "RGB"
+    if fmt == "CUHK-PEDES":
+        entry = json.loads((folder / annotation).read_text())[0]
+        assert sorted(entry) == ["captions", "file_path", "id", "processed_tokens", "split"]
+        assert entry["processed_tokens"][0][:2] == entry["captions"][0].lower().split()[:2]
+
+
+def test_identities_differ_in_what_every_caption_mentions():
+    persons = _distinct_persons(300, np.random.default_rng(0))
+    keys = {(p.upper, p.upper_colour, p.stripes, p.lower, p.lower_colour) for p in persons}
+    assert len(keys) == 300
+
+
+def test_captions_name_the_garments_and_give_pruning_work():
+    rng = np.random.default_rng(5)
+    for _ in range(40):
+        person = sample_person(rng)
+        caption = describe(person, rng)
+        words = caption.lower().replace(".", " ").replace(",", " ").split()
+        for colour in (person.upper_colour, person.lower_colour):
+            assert colour in words or (colour == "gray" and "grey" in words), (colour, caption)
+        assert caption[0].isupper() and caption.endswith(".")
+    captions = [describe(sample_person(rng), rng) for _ in range(50)]
+    pruned = prune_captions(captions)
+    assert sum(len(p.split()) for p in pruned) < 0.75 * sum(len(c.split()) for c in captions)
+    assert len(set(captions)) == 50
+
+
+def test_images_show_the_garment_colours():
+    """The upper garment's colour is the most common named colour in the middle of the torso."""
+    from tipr.data.synthetic import draw_person
+
+    rng = np.random.default_rng(1)
+    hits = 0
+    for _ in range(20):
+        person = sample_person(rng)
+        img = np.asarray(draw_person(person, rng, (128, 64)), dtype=float)
+        chest = img[34:50, 28:36].reshape(-1, 3)  # (N, 3) pixels in the middle of the torso
+        names = list(COLOURS)
+        table = np.array([COLOURS[n] for n in names], dtype=float)
+        nearest = np.argmin(((chest[:, None, :] - table[None]) ** 2).sum(-1), axis=1)
+        hits += names[np.bincount(nearest, minlength=len(names)).argmax()] == person.upper_colour
+    assert hits >= 17  # lighting and stripes may shift a few
+
+
+def test_ensure_synthetic_reuses_regenerates_and_refuses_foreign_folders(tmp_path):
+    out = tmp_path / "synthetic"
+    ensure_synthetic(out, SMALL)
+    stamp = (out / "reid_raw.json").stat().st_mtime_ns
+    ensure_synthetic(out, SMALL)
+    assert (out / "reid_raw.json").stat().st_mtime_ns == stamp  # reused
+    bigger = SyntheticConfig(**{**SMALL.__dict__, "num_train_ids": 6})
+    ensure_synthetic(out, bigger)
+    assert json.loads((out / META_FILE).read_text())["num_train_ids"] == 6
+    assert read_benchmark_folder(out, "CUHK-PEDES").num_classes == 6
+    assert [p.name for p in tmp_path.iterdir()] == ["synthetic"]  # no temporary folders left
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match=f"{foreign} exists but holds no synthetic.json"):
+        ensure_synthetic(foreign, SMALL)
+
+
+def test_sample_grid_png(tmp_path):
+    folder = generate_synthetic(tmp_path / "s", SMALL)
+    png = save_sample_grid(folder, tmp_path / "grid.png", num_ids=4, images_per_id=2)
+    with Image.open(png) as im:
+        assert im.width > 4 * 32 and im.height > 2 * 64 * 2
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="format must be one of"):
+        SyntheticConfig(format="Market-1501")
+    with pytest.raises(ValueError, match="needs >= 1 train/test identity"):
+        SyntheticConfig(num_test_ids=0)
