@@ -76,7 +76,7 @@ def clip_config(backbone: str | Mapping[str, Any], text_length: int = 77):
     else:
         kwargs = copy.deepcopy(dict(backbone))
         unknown = set(kwargs) - set(CLIPConfig().to_dict())
-        if unknown:
+        if unknown and kwargs.get("model_type") != "clip":  # a serialised config may carry extra keys
             raise ValueError(f"backbone config has unknown CLIPConfig keys {sorted(unknown)}")
         kwargs["text_config"] = {**_TEXT_DEFAULTS, **(kwargs.get("text_config") or {})}
     return CLIPConfig.from_dict(kwargs)

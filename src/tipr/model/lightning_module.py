@@ -132,8 +132,10 @@ class TIPRModule(pl.LightningModule):
             else:  # transformers < 5
                 clip.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.boosted_modules = self._check_boosted(boosted_modules)
-        self.val_ranks = RetrievalRanks(image_to_text=image_to_text)
-        self.test_ranks = RetrievalRanks(image_to_text=image_to_text)
+        # "skip": a partial evaluation (limit_val_batches) leaves out queries whose person is not
+        # in the gallery part seen, with a warning; a full evaluation has none.
+        self.val_ranks = RetrievalRanks(image_to_text=image_to_text, empty_target_action="skip")
+        self.test_ranks = RetrievalRanks(image_to_text=image_to_text, empty_target_action="skip")
         self._tokenizer = None
 
     def _check_boosted(self, prefixes: Sequence[str]) -> tuple[str, ...]:
@@ -208,6 +210,9 @@ class TIPRModule(pl.LightningModule):
             raise KeyError(f"evaluation batch has neither 'images' nor 'token_ids' (keys: {sorted(batch)})")
 
     def _log_ranks(self, ranks, stage: str) -> None:
+        if self.trainer.sanity_checking:  # a few batches of each loader: ranks would mean nothing
+            ranks.reset()
+            return
         results = ranks.compute()
         self.log_dict({f"{stage}/{name}": value for name, value in results.items()})
         ranks.reset()

@@ -59,8 +59,8 @@ class SENNetwork(nn.Module):
 
     def __init__(
         self,
-        backbone: str | Mapping[str, Any] | nn.Module = "tiny",
-        num_classes: int = 1,
+        backbone: str | Mapping[str, Any] | nn.Module,
+        num_classes: int,
         image_size: tuple[int, int] = (384, 128),
         text_length: int = 77,
         loss_weights: Mapping[str, float] | None = None,

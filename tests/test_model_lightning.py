@@ -1,0 +1,219 @@
+"""TIPRModule: training through a Lightning Trainer, schedule, parameter groups, checkpoints."""
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from tipr.model import TIPRModule
+from tipr.model.lightning_module import warmup_cosine_factor
+from tipr.tokenization import tokenize
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors gain nothing from threads; on a shared CPU they only wait for each other.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+IMAGE_SIZE = (32, 16)
+TEXT_LENGTH = 16
+COLOURS = ["red", "blue", "green", "black"]
+
+
+class ToyPairs(Dataset):
+    """Four identities; the caption names the colour that fills the image."""
+
+    def __init__(self, n=16, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.pids = torch.arange(n) % 4
+        palette = torch.tensor([[1.5, -1.0, -1.0], [-1.0, -1.0, 1.5], [-1.0, 1.5, -1.0], [-1.5, -1.5, -1.5]])
+        self.images = palette[self.pids].view(n, 3, 1, 1) + 0.3 * torch.randn(n, 3, *IMAGE_SIZE, generator=g)
+        self.token_ids = tokenize([f"a person dressed in {COLOURS[p]}" for p in self.pids], context_length=TEXT_LENGTH)
+
+    def __len__(self):
+        return len(self.pids)
+
+    def __getitem__(self, i):
+        return {"images": self.images[i], "token_ids": self.token_ids[i], "pids": self.pids[i], "index": i}
+
+
+class Queries(ToyPairs):
+    def __getitem__(self, i):
+        return {"token_ids": self.token_ids[i], "pids": self.pids[i], "index": i}
+
+
+class Gallery(ToyPairs):
+    def __getitem__(self, i):
+        return {"images": self.images[i], "pids": self.pids[i], "index": i}
+
+
+class ToyData(pl.LightningDataModule):
+    def train_dataloader(self):
+        return DataLoader(ToyPairs(8), batch_size=4, shuffle=False)
+
+    def val_dataloader(self):
+        return [DataLoader(Queries(8, seed=1), batch_size=3), DataLoader(Gallery(8, seed=1), batch_size=3)]
+
+    test_dataloader = val_dataloader
+
+
+class LrRecorder(pl.Callback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.lrs.append({g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups})
+
+
+def _module(**kwargs):
+    torch.manual_seed(0)
+    defaults = dict(num_classes=4, backbone="tiny", image_size=IMAGE_SIZE, text_length=TEXT_LENGTH, lr=1e-3)
+    return TIPRModule(**{**defaults, **kwargs})
+
+
+def _trainer(tmp_path, **kwargs):
+    defaults = dict(
+        accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+    )
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def test_warmup_cosine_curve():
+    assert warmup_cosine_factor(0, 100, 10, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine_factor(5, 100, 10, 0.1) == pytest.approx(0.55)
+    assert warmup_cosine_factor(10, 100, 10, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine_factor(55, 100, 10, 0.1) == pytest.approx(0.5)
+    assert warmup_cosine_factor(100, 100, 10, 0.1) == pytest.approx(0.0)
+    # The reference's per-epoch values at whole epochs (5 warm-up, 60 total).
+    assert warmup_cosine_factor(2, 60, 5, 0.1) == pytest.approx(0.1 * (1 - 2 / 5) + 2 / 5)
+    assert warmup_cosine_factor(20, 60, 5, 0.1) == pytest.approx(0.5 * (1 + math.cos(math.pi * 15 / 55)))
+
+
+def test_parameter_groups_follow_the_recipe():
+    module = _module(lr=1e-5)
+    groups = {g["name"]: g for g in module.parameter_groups()}
+    assert {k: (g["lr"], g["weight_decay"]) for k, g in groups.items()} == {
+        "base": (1e-5, 4e-5), "boosted": (5e-5, 4e-5), "bias": (2e-5, 0.0),
+    }
+    names = {id(p): n for n, p in module.network.named_parameters()}
+    members = {k: {names[id(p)] for p in g["params"]} for k, g in groups.items()}
+    trainable = {n for n, p in module.network.named_parameters() if p.requires_grad}
+    assert sorted(n for m in members.values() for n in m) == sorted(trainable)  # each exactly once
+    assert "clip.logit_scale" not in trainable
+    assert {"classifier.weight", "restoration.cross_attn.in_proj_weight", "restoration.cross_attn.out_proj.weight",
+            "restoration.transformer.0.attn.qkv.weight", "restoration.transformer.3.norm2.weight"} <= members["boosted"]
+    assert {"restoration.decoder_embed.weight", "restoration.pixel_head.weight", "restoration.mask_token",
+            "restoration.query_norm.weight", "clip.vision_model.encoder.layers.0.self_attn.k_proj.weight",
+            "clip.text_model.embeddings.token_embedding.weight"} <= members["base"]
+    assert all(n.endswith("bias") for n in members["bias"])
+    assert {"classifier.bias", "clip.vision_model.post_layernorm.bias", "restoration.cross_attn.in_proj_bias"} <= members["bias"]
+    # Configurable boosted set, checked against the network.
+    wider = _module(boosted_modules=["classifier", "restoration"])
+    wider_names = {names2 for g in wider.parameter_groups() if g["name"] == "boosted"
+                   for names2 in [n for n, p in wider.network.named_parameters() if any(p is q for q in g["params"])]}
+    assert "restoration.pixel_head.weight" in wider_names
+    with pytest.raises(ValueError, match="'restoraton.cross_attn'"):
+        _module(boosted_modules=["restoraton.cross_attn"])
+    _module(tir_weight=0.0)  # the reference boosted set still fits when the TIR head is off
+
+
+def test_training_steps_per_iteration_schedule_and_validation_metrics(tmp_path):
+    module = _module(warmup_epochs=1, lr=1e-3)
+    before = {n: p.detach().clone() for n, p in module.network.named_parameters()}
+    recorder = LrRecorder()
+    # The sanity check sees one batch per loader (queries without their images): nothing is computed there.
+    trainer = _trainer(tmp_path, callbacks=[recorder], num_sanity_val_steps=1)
+    trainer.fit(module, datamodule=ToyData())
+    assert trainer.global_step == 4  # 2 epochs x 2 batches
+    # Warm-up over 1 epoch = 2 steps from 0.1x, then cosine to 0 over the remaining 2 steps.
+    expected = [0.1, 0.55, 1.0, 0.5]
+    assert [r["base"] for r in recorder.lrs] == pytest.approx([1e-3 * f for f in expected])
+    assert [r["boosted"] for r in recorder.lrs] == pytest.approx([5e-3 * f for f in expected])
+    assert [r["bias"] for r in recorder.lrs] == pytest.approx([2e-3 * f for f in expected])
+    moved = [n for n, p in module.network.named_parameters() if not torch.equal(p, before[n])]
+    assert any(n.startswith("clip.vision_model.encoder") for n in moved)
+    assert any(n.startswith("clip.text_model.encoder") for n in moved)
+    assert any(n.startswith("restoration.transformer") for n in moved)
+    metrics = trainer.callback_metrics
+    for name in ("train/loss", "train/sdm_loss", "train/id_loss", "train/tri_loss", "train/tir_loss"):
+        assert torch.isfinite(metrics[name]), name
+    for name in ("R1", "R5", "R10", "mAP", "mINP"):
+        assert 0.0 <= float(metrics[f"val/{name}"]) <= 100.0, name
+    assert float(metrics["val/R1"]) <= float(metrics["val/R5"]) <= float(metrics["val/R10"])
+
+
+def test_validation_metrics_equal_a_direct_ranking(tmp_path):
+    module = _module(image_to_text=True)
+    trainer = _trainer(tmp_path)
+    trainer.validate(module, datamodule=ToyData(), verbose=False)
+    results = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    queries, gallery = Queries(8, seed=1), Gallery(8, seed=1)
+    text = module.network.encode_text(queries.token_ids).detach()
+    image = module.network.encode_image(gallery.images).detach()
+    sim = module.similarity(text, image)
+    r1 = 100 * sum(float(queries.pids[i] == gallery.pids[sim[i].argmax()]) for i in range(8)) / 8
+    assert results["val/R1"] == pytest.approx(r1)
+    i2t_r1 = 100 * sum(float(gallery.pids[j] == queries.pids[sim[:, j].argmax()]) for j in range(8)) / 8
+    assert results["val/i2t_R1"] == pytest.approx(i2t_r1)
+
+
+def test_checkpoint_round_trip_needs_neither_weights_nor_network(tmp_path):
+    # A "pretrained" backbone in a local folder, deleted before loading the checkpoint.
+    import shutil
+
+    from tipr.model.backbone import build_clip
+
+    torch.manual_seed(1)
+    build_clip("tiny", text_length=TEXT_LENGTH).save_pretrained(tmp_path / "clip")
+    module = _module(backbone=str(tmp_path / "clip"), mask_ratio=0.6, tir_weight=5.0)
+    trainer = _trainer(tmp_path, max_epochs=1)
+    trainer.fit(module, datamodule=ToyData())
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    shutil.rmtree(tmp_path / "clip")
+
+    loaded = TIPRModule.load_from_checkpoint(tmp_path / "model.ckpt")
+    assert loaded.hparams.mask_ratio == 0.6 and loaded.hparams.tir_weight == 5.0
+    assert isinstance(loaded.hparams.backbone, dict)
+    captions = ["a person dressed in red", "a person dressed in green"]
+    images = ToyPairs(3).images
+    assert torch.equal(loaded.encode_captions(captions), module.encode_captions(captions))
+    assert torch.equal(loaded.encode_images(images), module.encode_images(images))
+    for (name, a), (_, b) in zip(module.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    # Notebook API: normalised features and a cosine similarity matrix.
+    text, image = loaded.encode_captions(captions), loaded.encode_images(images)
+    assert torch.allclose(text.norm(dim=1), torch.ones(2))
+    scores = loaded.similarity(text, image)
+    assert scores.shape == (2, 3) and torch.allclose(scores, text @ image.t(), atol=1e-6)
+    loaded.train()
+    loaded.encode_images(images)
+    assert loaded.training  # encode_* run in eval mode and restore the mode they found
+    with pytest.raises(ValueError, match=r"\(B, 3, 32, 16\), got \(3, 3, 16, 16\)"):
+        loaded.encode_images(images[..., :16, :])
+
+
+def test_predict_returns_features(tmp_path):
+    module = _module()
+    trainer = _trainer(tmp_path)
+    queries, gallery = ToyData().val_dataloader()
+    text_out = trainer.predict(module, queries)
+    image_out = trainer.predict(module, gallery)
+    assert torch.cat([o["text_features"] for o in text_out]).shape == (8, 64)
+    assert torch.cat([o["image_features"] for o in image_out]).shape == (8, 64)
+    assert torch.cat([o["index"] for o in image_out]).tolist() == list(range(8))
+
+
+def test_bf16_autocast_and_gradient_checkpointing_keep_fp32_weights(tmp_path):
+    module = _module(gradient_checkpointing=True)
+    assert module.network.clip.vision_model.encoder.layers[0].gradient_checkpointing
+    trainer = _trainer(tmp_path, precision="bf16-mixed", max_epochs=1, limit_val_batches=0)
+    trainer.fit(module, datamodule=ToyData())
+    assert trainer.global_step == 2
+    assert all(p.dtype == torch.float32 for p in module.parameters())
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
