@@ -1,11 +1,128 @@
-"""The ``tipr`` command line (LightningCLI arrives with the CLI issue)."""
+"""The ``tipr`` command: LightningCLI over ``TIPRModule`` and ``TIPRDataModule``.
 
+    tipr fit --config experiments/synthetic.yaml
+    tipr fit --config experiments/sen_cuhk_pedes.yaml --data.root /data --model.tir_weight=5
+    tipr test --config experiments/sen_cuhk_pedes.yaml --ckpt_path path/to/best.ckpt
+
+Every constructor argument of the two classes is an option (``--model.*``,
+``--data.*``), as is every ``Trainer`` argument (``--trainer.*``). On top of
+LightningCLI this adds:
+
+- links: the data module's ``num_classes`` (training identities), ``image_size``
+  and ``text_length`` feed the model, and the model's ``backbone`` picks the
+  tokenizer, so they are never given twice;
+- a checkpoint callback keeping the best ``val/R1`` (``--checkpoint.*``);
+- ``--test_after_fit``: evaluate the best checkpoint on the test split when
+  ``fit`` ends;
+- after ``validate`` / ``test``: a results table in the layout of the paper's
+  (R1 / R5 / R10 / mAP / mINP, text-to-image), also written to
+  ``<log_dir>/<stage>_results.json``.
+
+The optimiser and schedule are the SEN recipe, owned by ``TIPRModule`` (its
+``lr``, ``warmup_epochs``... arguments), so LightningCLI's generic
+``--optimizer`` / ``--lr_scheduler`` options are not offered.
+"""
+
+from __future__ import annotations
+
+import json
 import sys
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from tipr.data import TIPRDataModule
+from tipr.model import TIPRModule
+
+METRIC_NAMES = ("R1", "R5", "R10", "mAP", "mINP")
 
 
-def main(argv=None) -> int:
-    print("usage: tipr {fit,validate,test,predict} ... (LightningCLI: not wired yet)")
-    return 0
+def format_results_table(results: dict[str, float], dataset: str, method: str = "SEN") -> str:
+    """A Markdown table in the layout of the paper's: R1 / R5 / R10 / mAP / mINP in percent.
+
+    ``results`` maps ``"<stage>/R1"``-style or bare ``"R1"`` keys to values;
+    image-to-text values (``i2t_R1``...) get a row of their own when present.
+    """
+    plain = {key.split("/", 1)[-1]: float(value) for key, value in results.items()}
+    rows = []
+    for label, prefix in (("text-to-image", ""), ("image-to-text", "i2t_")):
+        if all(prefix + name in plain for name in METRIC_NAMES):
+            cell = " / ".join(f"{plain[prefix + name]:.2f}" for name in METRIC_NAMES)
+            rows.append(f"| {method} ({label}) | {cell} |")
+    if not rows:
+        raise KeyError(f"no complete set of {METRIC_NAMES} in the results {sorted(results)}")
+    header = f"| method | {dataset} (R1 / R5 / R10 / mAP / mINP) |\n| --- | --- |"
+    return "\n".join([header, *rows])
+
+
+class TIPRCLI(LightningCLI):
+    """LightningCLI with the links, checkpointing and result tables of ``tipr``."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.image_size", "model.image_size")
+        parser.link_arguments("data.text_length", "model.text_length")
+        # A backbone folder with tokenizer files brings its own tokenizer; presets,
+        # hub ids and config dicts use the shipped CLIP BPE.
+        parser.link_arguments(
+            "model.backbone", "data.tokenizer", compute_fn=lambda b: b if isinstance(b, str) else None
+        )
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/R1",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-epoch{epoch}-R1{val/R1:.2f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="After fit, evaluate the best checkpoint (val/R1) on the test split and print the table.",
+        )
+
+    def after_fit(self) -> None:
+        if not self.config[self.subcommand].get("test_after_fit"):
+            return
+        checkpoint = self.trainer.checkpoint_callback
+        ckpt_path = "best" if checkpoint is not None and checkpoint.best_model_path else None
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
+        self._report("test")
+
+    def after_validate(self) -> None:
+        self._report("val")
+
+    def after_test(self) -> None:
+        self._report("test")
+
+    def _report(self, stage: str) -> None:
+        results = {
+            key: float(value)
+            for key, value in self.trainer.callback_metrics.items()
+            if key.startswith(f"{stage}/") and key.split("/", 1)[1].removeprefix("i2t_") in METRIC_NAMES
+        }
+        if not self.trainer.is_global_zero or not results:
+            return
+        table = format_results_table(results, dataset=self.datamodule.dataset, method=getattr(self.model, "method_name", "SEN"))
+        print(f"\n{stage} results\n{table}\n", flush=True)
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / f"{stage}_results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``tipr`` console script."""
+    TIPRCLI(
+        TIPRModule,
+        TIPRDataModule,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
 
 
 if __name__ == "__main__":
