@@ -112,12 +112,13 @@ def test_parameter_groups_follow_the_recipe():
             "restoration.query_norm.weight", "clip.vision_model.encoder.layers.0.self_attn.k_proj.weight",
             "clip.text_model.embeddings.token_embedding.weight"} <= members["base"]
     assert all(n.endswith("bias") for n in members["bias"])
-    assert {"classifier.bias", "clip.vision_model.post_layernorm.bias", "restoration.cross_attn.in_proj_bias"} <= members["bias"]
+    assert {"classifier.bias", "clip.vision_model.post_layernorm.bias",
+            "restoration.cross_attn.in_proj_bias"} <= members["bias"]
     # Configurable boosted set, checked against the network.
     wider = _module(boosted_modules=["classifier", "restoration"])
-    wider_names = {names2 for g in wider.parameter_groups() if g["name"] == "boosted"
-                   for names2 in [n for n, p in wider.network.named_parameters() if any(p is q for q in g["params"])]}
-    assert "restoration.pixel_head.weight" in wider_names
+    (boosted,) = [g["params"] for g in wider.parameter_groups() if g["name"] == "boosted"]
+    wider_names = {n for n, p in wider.network.named_parameters() if any(p is q for q in boosted)}
+    assert {"restoration.pixel_head.weight", "restoration.mask_token", "classifier.weight"} <= wider_names
     with pytest.raises(ValueError, match="'restoraton.cross_attn'"):
         _module(boosted_modules=["restoraton.cross_attn"])
     _module(tir_weight=0.0)  # the reference boosted set still fits when the TIR head is off

@@ -200,6 +200,8 @@ def test_bad_inputs_name_the_value(network):
     out_of_vocab[0, 1] = 50000
     with pytest.raises(ValueError, match="outside 0..49407: min 0, max 50000"):
         network.encode_text(out_of_vocab)
+    with pytest.raises(ValueError, match=r"pids range 0..3 does not fit the ID classifier's 3 classes"):
+        network(images, token_ids, torch.tensor([0, 1, 3, 2]))
     with pytest.raises(ValueError, match="batch sizes differ"):
         network(images, token_ids, pids[:3])
     with pytest.raises(ValueError, match=r"unknown loss name\(s\) \['mlm'\]"):

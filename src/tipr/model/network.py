@@ -128,7 +128,9 @@ class SENNetwork(nn.Module):
     def check_token_ids(self, token_ids: torch.Tensor) -> None:
         """Raise ``ValueError`` naming the problem if ``token_ids`` cannot be encoded."""
         if token_ids.dim() != 2 or token_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"token_ids must be an integer (B, L) tensor, got {token_ids.dtype} {tuple(token_ids.shape)}")
+            raise ValueError(
+                f"token_ids must be an integer (B, L) tensor, got {token_ids.dtype} {tuple(token_ids.shape)}"
+            )
         if token_ids.shape[1] > self.text_length:
             raise ValueError(
                 f"token_ids have {token_ids.shape[1]} positions, more than the text context ({self.text_length})"
@@ -226,6 +228,13 @@ class SENNetwork(nn.Module):
                 f"batch sizes differ: images {tuple(images.shape)}, token_ids {tuple(token_ids.shape)}, "
                 f"pids {tuple(pids.shape)}"
             )
+        if self.classifier is not None:
+            low, high = torch.stack([pids.min(), pids.max()]).tolist()
+            if low < 0 or high >= self.classifier.out_features:
+                raise ValueError(
+                    f"pids range {low}..{high} does not fit the ID classifier's {self.classifier.out_features} "
+                    f"classes (expected 0..{self.classifier.out_features - 1})"
+                )
         w = self.loss_weights
         image_features = self.encode_image(images).float()  # (B, D)
         text_tokens, eot = self.text_tokens(token_ids)  # (B, L, D), (B,)
