@@ -74,6 +74,8 @@ class TIPRDataModule(L.LightningDataModule):
         num_train_ids, num_val_ids, num_test_ids, images_per_id, captions_per_image,
         synthetic_image_size: size of the synthetic benchmark (``dataset="synthetic"`` only;
             its own val identities, disjoint from test; ``num_val_ids=0`` validates on test).
+            The synthetic images and captions are always drawn with generator seed 0,
+            so every run of a config sees the same benchmark; ``seed`` does not change them.
     """
 
     def __init__(

@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from tipr.data.benchmarks import BENCHMARKS, read_benchmark_folder
+
 __all__ = [
     "COLOURS",
     "GENERATOR_VERSION",
@@ -402,8 +404,8 @@ class SyntheticConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "image_size", tuple(int(s) for s in self.image_size))
-        if self.format not in _FORMATS:
-            raise ValueError(f"format must be one of {sorted(_FORMATS)}, got {self.format!r}")
+        if self.format not in BENCHMARKS:
+            raise ValueError(f"format must be one of {sorted(BENCHMARKS)}, got {self.format!r}")
         if min(self.num_train_ids, self.num_test_ids, self.images_per_id, self.captions_per_image) < 1 or self.num_val_ids < 0:
             raise ValueError(f"synthetic benchmark needs >= 1 train/test identity, image and caption (and >= 0 val ids): {self}")
 
@@ -411,12 +413,6 @@ class SyntheticConfig:
         return {"generator_version": GENERATOR_VERSION, **asdict(self), "image_size": list(self.image_size)}
 
 
-# annotation file, path key, first id, whether it has a val split
-_FORMATS = {
-    "CUHK-PEDES": ("reid_raw.json", "file_path", 1, True),
-    "ICFG-PEDES": ("ICFG-PEDES.json", "file_path", 0, False),
-    "RSTPReid": ("data_captions.json", "img_path", 0, True),
-}
 _WORD = re.compile(r"[a-z]+(?:-[a-z]+)*")
 
 
@@ -438,7 +434,8 @@ def generate_synthetic(out_dir: str | os.PathLike, config: SyntheticConfig | Non
     ``overrides`` are :class:`SyntheticConfig` fields. Returns ``out_dir``.
     """
     config = SyntheticConfig(**{**(asdict(config) if config else {}), **overrides})
-    annotation_file, path_key, id_base, has_val = _FORMATS[config.format]
+    fmt = BENCHMARKS[config.format]
+    annotation_file, path_key, id_base, has_val = fmt.annotation_files[0], fmt.path_key, fmt.id_base, "val" in fmt.splits
     out = Path(out_dir)
     splits = [("train", config.num_train_ids), ("val", config.num_val_ids if has_val else 0), ("test", config.num_test_ids)]
     persons = _distinct_persons(sum(n for _, n in splits), np.random.default_rng([config.seed, 0]))
@@ -510,8 +507,6 @@ def save_sample_grid(folder: str | os.PathLike, png: str | os.PathLike, *, num_i
     The dataset is read back with the benchmark reader, so the picture shows
     exactly what the data module trains on.
     """
-    from tipr.data.benchmarks import read_benchmark_folder
-
     data = read_benchmark_folder(folder, format).split(split)
     font = ImageFont.load_default(size=13)
     first_caption = {int(img): c for c, img in reversed(list(enumerate(data.caption_images)))}
@@ -539,7 +534,7 @@ def save_sample_grid(folder: str | os.PathLike, png: str | os.PathLike, *, num_i
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write the synthetic person-description benchmark (and a PNG grid of samples).")
     parser.add_argument("--out", default="data/synthetic", help="output folder (default data/synthetic)")
-    parser.add_argument("--format", default="CUHK-PEDES", choices=sorted(_FORMATS))
+    parser.add_argument("--format", default="CUHK-PEDES", choices=sorted(BENCHMARKS))
     defaults = SyntheticConfig()
     for name in ("num_train_ids", "num_val_ids", "num_test_ids", "images_per_id", "captions_per_image", "seed"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
