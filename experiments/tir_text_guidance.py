@@ -15,8 +15,13 @@ error is measured with the true captions, with the captions shuffled across the
 batch, and with a caption that names no colour. If the text guides the
 restoration, the first is clearly lower than the other two.
 
-    python experiments/tir_text_guidance.py               # about 40 s of CPU
+    python experiments/tir_text_guidance.py --threads 1   # about 45 s on a 2-core CPU
     python experiments/tir_text_guidance.py --steps 600 --seed 1
+
+Result (seed 0, 300 steps of batch 32, 512 held-out images, 8 of 32 patches
+visible; masked-patch MSE, the gray texture alone leaves a floor of 0.04):
+true captions 0.042, shuffled captions 0.702, colourless caption 0.630,
+predicting zero colour 0.373 (before training all three captions gave 0.68-0.69).
 """
 
 from __future__ import annotations
