@@ -28,7 +28,8 @@ and, per chunk, items are counted instead of sorted:
    relevant item are compared exactly (``s >= u_j``).
 
 The counts are exact: the binning only decides which comparisons can be skipped.
-Everything runs on the device of the inputs, with no copy to the host.
+Everything runs on the device of the inputs; only a few sizes per block (how
+many relevant items, how many candidates) are read back, never the data.
 
 Ties (pessimistic): a gallery item whose similarity equals that of a relevant
 item is ranked *before* it when it is not relevant, so a tie never helps the
@@ -133,9 +134,9 @@ def retrieval_ranks(
     sorted_pids, gallery_order = torch.sort(gallery_pids, stable=True)
     identities, counts = torch.unique_consecutive(sorted_pids, return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
-    slot = torch.searchsorted(identities, query_pids).clamp_(max=identities.numel() - 1)
-    num_relevant = torch.where(identities[slot] == query_pids, counts[slot], 0)
-    run_start = starts[slot]
+    identity = torch.searchsorted(identities, query_pids).clamp_(max=identities.numel() - 1)
+    num_relevant = torch.where(identities[identity] == query_pids, counts[identity], 0)
+    run_start = starts[identity]
 
     keep = num_relevant > 0
     num_empty = int((~keep).sum())
@@ -324,7 +325,7 @@ def _similarity_source(
         def block_of(begin: int, end: int, rows: Tensor | None, buffer: Callable[[int], Tensor]) -> Tensor:
             block = similarity[begin:end] if rows is None else similarity.index_select(0, rows)
             block = block.to(dtype).contiguous()
-            if not torch.isfinite(block).all():
+            if not _all_finite(block):
                 bad = (~torch.isfinite(block)).any(1).nonzero().flatten()[:5]
                 raise ValueError(
                     f"similarity has NaN or infinite values, e.g. in rows "
@@ -368,13 +369,20 @@ def _check_features(name: str, features: Tensor) -> None:
         raise TypeError(f"{name} must be a float tensor, got dtype {features.dtype}")
     if features.shape[1] == 0:
         raise ValueError(f"{name} has 0 feature dimensions (shape {tuple(features.shape)})")
-    finite = torch.isfinite(features).all(dim=1)
-    if not finite.all():
-        bad = (~finite).nonzero().flatten()
+    if not _all_finite(features):
+        bad = (~torch.isfinite(features).all(dim=1)).nonzero().flatten()
         raise ValueError(
             f"{name} has NaN or infinite values in {bad.numel()} of {features.shape[0]} rows, "
             f"e.g. rows {bad[:5].tolist()}; expected finite embeddings"
         )
+
+
+def _all_finite(x: Tensor) -> bool:
+    """Whether ``x`` has no NaN or infinity: one reduction pass, no (N, D) temporary (min/max propagate NaN)."""
+    if x.numel() == 0:
+        return True
+    low, high = torch.aminmax(x)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _check_not_empty(num_queries: int, num_gallery: int) -> None:
