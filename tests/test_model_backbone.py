@@ -124,3 +124,21 @@ def test_local_folder_loads_without_network(tmp_path, monkeypatch):
 
 def test_presets_are_listed():
     assert "tiny" in BACKBONE_PRESETS
+
+
+def test_hub_id_goes_to_from_pretrained_and_failures_name_it(monkeypatch):
+    from transformers import CLIPModel
+
+    calls = []
+
+    def fake_from_pretrained(name, **kwargs):
+        calls.append((name, kwargs))
+        raise OSError("not cached and offline")
+
+    monkeypatch.setattr(CLIPModel, "from_pretrained", fake_from_pretrained)
+    with pytest.raises(OSError, match="'openai/clip-vit-base-patch16'.*hub id"):
+        build_clip("openai/clip-vit-base-patch16")
+    (name, kwargs), = calls
+    assert name == "openai/clip-vit-base-patch16"
+    assert kwargs["dtype"] == torch.float32 and kwargs["attn_implementation"] == "sdpa"
+    assert kwargs["local_files_only"] is False
