@@ -12,6 +12,8 @@ LightningCLI this adds:
   and ``text_length`` feed the model, and the model's ``backbone`` picks the
   tokenizer, so they are never given twice;
 - a checkpoint callback keeping the best ``val/R1`` (``--checkpoint.*``);
+- retrieval and TIR image panels after each validation, for loggers that show
+  images such as ``WandbLogger`` (``--panels.*``, see ``tipr.visualization``);
 - ``--test_after_fit``: evaluate the best checkpoint on the test split when
   ``fit`` ends;
 - after ``validate`` / ``test``: a results table in the layout of the paper's
@@ -34,6 +36,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from tipr.data import TIPRDataModule
 from tipr.model import TIPRModule
+from tipr.visualization import RetrievalPanels
 
 METRIC_NAMES = ("R1", "R5", "R10", "mAP", "mINP")
 
@@ -78,6 +81,8 @@ class TIPRCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+        # Image panels for loggers that show images (W&B); a no-op for CSV.
+        parser.add_lightning_class_args(RetrievalPanels, "panels")
         parser.add_argument(
             "--test_after_fit",
             type=bool,

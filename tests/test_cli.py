@@ -1,0 +1,160 @@
+"""The ``tipr`` command line: configs, links, errors, sweep arguments, and real end-to-end runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tipr.cli import TIPRCLI, format_results_table, main
+from tipr.data import TIPRDataModule
+from tipr.model import TIPRModule
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments"
+TIPR = str(Path(sys.executable).parent / "tipr")
+
+# A small synthetic benchmark and a short schedule: seconds, not minutes.
+SMALL_DATA = [
+    "--data.num_train_ids=96",
+    "--data.num_val_ids=20",
+    "--data.num_test_ids=20",
+    "--data.images_per_id=2",
+    "--data.num_workers=0",
+    "--data.batch_size=32",
+]
+
+
+def small_run(tmp_path: Path) -> list[str]:
+    return [
+        "--config", str(EXPERIMENTS / "synthetic.yaml"),
+        "--data.root", str(tmp_path / "data"),
+        "--trainer.default_root_dir", str(tmp_path / "out"),
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "out"),
+        "--trainer.enable_progress_bar=false",
+        *SMALL_DATA,
+    ]
+
+
+def test_print_config_of_the_recipe(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(EXPERIMENTS / "sen_cuhk_pedes.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["backbone"] == "openai/clip-vit-base-patch16"
+    assert printed["data"]["dataset"] == "CUHK-PEDES"
+    assert printed["data"]["batch_size"] == 128
+    assert printed["trainer"]["max_epochs"] == 60
+    assert printed["trainer"]["precision"] == "bf16-mixed"
+    assert printed["checkpoint"]["monitor"] == "val/R1"
+
+
+def test_every_recipe_config_parses(capsys):
+    for config in ["sen_icfg_pedes.yaml", "sen_rstpreid.yaml", "sen_xl_cuhk_pedes.yaml", "synthetic.yaml"]:
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", str(EXPERIMENTS / config), "--print_config"])
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["model"]["tir_weight"] == 10.0, config
+
+
+def test_wrong_dataset_root_fails_at_once_naming_the_path(tmp_path):
+    missing = tmp_path / "no-such-root"
+    with pytest.raises(Exception) as err:
+        main(["fit", "--config", str(EXPERIMENTS / "sen_cuhk_pedes.yaml"), "--data.root", str(missing),
+              "--model.backbone=tiny"])
+    assert str(missing) in str(err.value)
+
+
+def test_misspelt_option_is_a_cli_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(EXPERIMENTS / "synthetic.yaml"), "--model.mask_ratoi=0.5"])
+    assert exit_info.value.code == 2
+    assert "mask_ratoi" in capsys.readouterr().err
+
+
+def sweep_arguments(sweep: dict) -> list[str]:
+    """The arguments a W&B agent passes for ``${args}``: ``--name=value`` per parameter."""
+    args = []
+    for name, spec in sweep["parameters"].items():
+        value = spec["values"][-1] if "values" in spec else spec["min"]
+        args.append(f"--{name}={value}")
+    return args
+
+
+def test_sweep_arguments_are_accepted(tmp_path):
+    sweep = yaml.safe_load((EXPERIMENTS / "sweep.yaml").read_text())
+    assert sweep["metric"]["name"] == "val/R1"
+    assert "${args}" in sweep["command"] and "fit" in sweep["command"]
+    args = sweep_arguments(sweep)
+    assert "--model.mask_ratio=0.8" in args
+    cli = TIPRCLI(TIPRModule, TIPRDataModule, auto_configure_optimizers=False, run=False,
+                  save_config_callback=None, args=[*small_run(tmp_path), *args])
+    hp = cli.model.hparams
+    assert hp.mask_ratio == 0.8 and hp.tri_weight == 10.0 and hp.tir_weight == 20.0
+    assert hp.lr == pytest.approx(3.0e-6)
+    assert cli.datamodule.prune_prob == 0.3
+    # the links: identities, image size and context length come from the data module
+    assert hp.num_classes == cli.datamodule.num_classes == 96
+    assert tuple(hp.image_size) == tuple(cli.datamodule.image_size)
+    assert hp.text_length == cli.datamodule.text_length
+
+
+def test_results_table_layout():
+    results = {"test/R1": 75.0, "test/R5": 89.98, "test/R10": 94.09, "test/mAP": 67.23, "test/mINP": 51.45}
+    table = format_results_table(results, dataset="CUHK-PEDES")
+    assert table.splitlines()[-1] == "| SEN (text-to-image) | 75.00 / 89.98 / 94.09 / 67.23 / 51.45 |"
+    with pytest.raises(KeyError, match="R1"):
+        format_results_table({"test/R1": 1.0}, dataset="x")
+
+
+def run_tipr(args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([TIPR, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    assert proc.returncode == 0, f"tipr {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def read_results(out_dir: Path, stage: str = "test") -> dict[str, float]:
+    files = sorted(out_dir.rglob(f"{stage}_results.json"), key=lambda p: p.stat().st_mtime)
+    assert files, f"no {stage}_results.json under {out_dir}"
+    return json.loads(files[-1].read_text())
+
+
+@pytest.mark.slow
+def test_end_to_end_fit_then_test_through_the_cli(tmp_path):
+    """A short but honest run of the real CLI: generate, train, keep the best, test."""
+    run = small_run(tmp_path)
+    fit = run_tipr(["fit", *run, "--trainer.max_epochs=8", "--trainer.check_val_every_n_epoch=2"], timeout=600)
+    assert "test results" in fit.stdout and "| SEN (text-to-image) |" in fit.stdout
+    after_fit = read_results(tmp_path / "out")
+    chance = 100 / 20
+    assert after_fit["test/R1"] > 4 * chance, after_fit
+
+    best = sorted((tmp_path / "out").rglob("best-*.ckpt"))
+    assert len(best) == 1
+    test = run_tipr(["test", *run, "--ckpt_path", str(best[0])], timeout=300)
+    assert "| SEN (text-to-image) |" in test.stdout
+    assert read_results(tmp_path / "out") == pytest.approx(after_fit, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu_equal_a_single_process_evaluation(tmp_path):
+    """`--trainer.devices=2 --trainer.strategy=ddp` works unchanged, and its test metrics
+    (gathered over ranks, padded duplicates dropped) equal a one-process `tipr test`."""
+    run = [*small_run(tmp_path), "--data.num_train_ids=48", "--data.num_test_ids=21", "--data.num_val_ids=11",
+           "--data.images_per_id=3", "--data.eval_batch_size=16", "--trainer.max_epochs=2"]
+    run_tipr(["fit", *run, "--trainer.devices=2", "--trainer.strategy=ddp"], timeout=600)
+    ddp = read_results(tmp_path / "out")
+    best = sorted((tmp_path / "out").rglob("best-*.ckpt"))
+    assert len(best) == 1
+    run_tipr(["test", *run, "--ckpt_path", str(best[0]), "--trainer.devices=1"], timeout=300)
+    single = read_results(tmp_path / "out")
+    assert set(ddp) == set(single) and "test/R1" in ddp
+    # 21 test ids x 3 images = 63 gallery images: odd, so the DistributedSampler
+    # pads a duplicate into one rank, which the metric must drop.
+    assert ddp == pytest.approx(single, abs=1e-4)
