@@ -106,6 +106,20 @@ def test_many_bins_and_counting_sub_blocks_match_brute_force(monkeypatch):
         assert_matches(result, expected)
 
 
+def test_deterministic_mode_and_uninitialised_buffers():
+    # deterministic mode fills every torch.empty with NaN: a read of an unwritten work buffer would show
+    generator = torch.Generator().manual_seed(9)
+    query_pids, gallery_pids = make_identities(generator, num_queries=20)
+    similarity = torch.randn(20, gallery_pids.numel(), generator=generator).round(decimals=1)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        result = retrieval_ranks(similarity, query_pids, gallery_pids, chunk_size=6)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert_matches(result, brute_force(similarity, query_pids, gallery_pids))
+
+
 @pytest.mark.parametrize("scale", [1e-30, 1e-6, 1e30])
 def test_extreme_similarity_ranges(scale):
     generator = torch.Generator().manual_seed(3)

@@ -62,6 +62,10 @@ DEFAULT_MAX_CHUNK_BYTES_ACCELERATOR = 256 * 2**20
 COUNT_BLOCK_ENTRIES = {"cpu": 2**21}
 COUNT_BLOCK_ENTRIES_ACCELERATOR = 2**24
 
+#: Most bins per query row; fewer make the histogram fit the cache, more leave
+#: fewer gallery items sharing a bin with a relevant one.
+MAX_BINS = 4096
+
 _EMPTY_TARGET_ACTIONS = ("error", "skip")
 
 
@@ -217,10 +221,10 @@ class _RelevantRankCounter:
     """Ranks of the relevant items of a few queries, by counting (see module docstring)."""
 
     def __init__(self, num_gallery: int, max_rows: int, dtype: torch.dtype, device: torch.device):
-        # M equal-width bins over [u_1, u_n]: about 4 gallery items per bin, so
-        # few items share a bin with a relevant one; at most 4096 keeps the
-        # per-row histogram small.
-        self.num_bins = max(16, min(4096, num_gallery // 4))
+        # M equal-width bins over [u_1, u_n]: at most 4 gallery items per bin on
+        # average, so few items share a bin with a relevant one; at most
+        # MAX_BINS keeps the per-row histogram small.
+        self.num_bins = max(16, min(MAX_BINS, num_gallery // 4))
         self._binned = _Buffer((max_rows, num_gallery), dtype, device)
         self._bin = _Buffer((max_rows, num_gallery), torch.int32, device)
 
