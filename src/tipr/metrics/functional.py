@@ -296,7 +296,7 @@ class _RelevantRankCounter:
                 inside = length > t
                 at = torch.where(inside, first + t, first)  # slot of the run's t-th relevant item
                 hit = inside & (value >= threshold_flat[at])
-                same_bin_at_or_above += torch.bincount(at[hit], minlength=rows * width)
+                same_bin_at_or_above.scatter_add_(0, at, hit.long())
         at_or_above_threshold = above + same_bin_at_or_above.view(rows, width)  # s >= u_j, relevant included
 
         # relevant items with s >= u_j (the padding is +inf, never below a real threshold)
