@@ -120,6 +120,22 @@ def test_deterministic_mode_and_uninitialised_buffers():
     assert_matches(result, brute_force(similarity, query_pids, gallery_pids))
 
 
+def test_thread_setting_is_restored(monkeypatch):
+    generator = torch.Generator().manual_seed(4)
+    query_pids, gallery_pids = make_identities(generator, num_queries=15)
+    similarity = torch.randn(15, gallery_pids.numel(), generator=generator)
+    expected = brute_force(similarity, query_pids, gallery_pids)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for count_threads in (1, None):
+            monkeypatch.setattr(metrics_functional, "CPU_COUNT_THREADS", count_threads)
+            assert_matches(retrieval_ranks(similarity, query_pids, gallery_pids, chunk_size=4), expected)
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("scale", [1e-30, 1e-6, 1e30])
 def test_extreme_similarity_ranges(scale):
     generator = torch.Generator().manual_seed(3)

@@ -41,7 +41,8 @@ absent and the numbers equal those of a full ``argsort``.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,14 @@ DEFAULT_MAX_CHUNK_BYTES_ACCELERATOR = 256 * 2**20
 #: the two are sized separately.
 COUNT_BLOCK_ENTRIES = {"cpu": 2**21}
 COUNT_BLOCK_ENTRIES_ACCELERATOR = 2**24
+
+#: Intra-op threads for the counting passes on CPU (the matrix product keeps
+#: torch's setting). They are short passes over cache-resident sub-blocks, where
+#: thread barriers cost more than they save: on this project's 2-core machine,
+#: with other processes competing for the cores, two threads made the counting
+#: several times slower than one. ``None`` keeps torch's setting (try it on a
+#: large idle CPU).
+CPU_COUNT_THREADS: int | None = 1
 
 #: Most bins per query row; fewer make the histogram fit the cache, more leave
 #: fewer gallery items sharing a bin with a relevant one.
@@ -182,26 +191,42 @@ def retrieval_ranks(
         block_end = min(block_begin + chunk_size, num_kept)
         block_rows = None if query_rows is None else query_rows[block_begin:block_end]
         block = block_of(block_begin, block_end, block_rows, block_buffer)  # (C, G)
-        for begin in range(block_begin, block_end, count_rows):
-            end = min(begin + count_rows, block_end)
-            sim = block[begin - block_begin : end - block_begin]  # contiguous rows
-            rows = slice(begin, end) if query_rows is None else query_rows[begin:end]
-            n = num_relevant[rows]
-            width = int(n.max())
-            position = torch.arange(width, device=device)
-            valid = position < n[:, None]  # (c, K)
-            relevant = gallery_order[run_start[rows, None] + torch.minimum(position, n[:, None] - 1)]  # (c, K)
-            ranks = counter(sim, relevant, valid, n).to(acc_dtype)  # (c, K), by ascending similarity
-            # the j-th lowest relevant similarity belongs to the (n - j)-th best relevant item
-            nth = (n[:, None] - position).to(acc_dtype)
-            average_precision[begin:end] = torch.where(valid, nth / ranks, 0).sum(1) / n.to(acc_dtype)
-            inverse_negative_penalty[begin:end] = n.to(acc_dtype) / ranks[:, 0]
-            first_rank[begin:end] = ranks.gather(1, (n - 1)[:, None]).squeeze(1).long()
+        with _intra_op_threads(CPU_COUNT_THREADS if device.type == "cpu" else None):
+            for begin in range(block_begin, block_end, count_rows):
+                end = min(begin + count_rows, block_end)
+                sim = block[begin - block_begin : end - block_begin]  # contiguous rows
+                rows = slice(begin, end) if query_rows is None else query_rows[begin:end]
+                n = num_relevant[rows]
+                width = int(n.max())
+                position = torch.arange(width, device=device)
+                valid = position < n[:, None]  # (c, K)
+                nth_relevant = torch.minimum(position, n[:, None] - 1)  # padding repeats the last one
+                relevant = gallery_order[run_start[rows, None] + nth_relevant]  # (c, K) gallery columns
+                ranks = counter(sim, relevant, valid, n).to(acc_dtype)  # (c, K), by ascending similarity
+                # the j-th lowest relevant similarity belongs to the (n - j)-th best relevant item
+                nth = (n[:, None] - position).to(acc_dtype)
+                average_precision[begin:end] = torch.where(valid, nth / ranks, 0).sum(1) / n.to(acc_dtype)
+                inverse_negative_penalty[begin:end] = n.to(acc_dtype) / ranks[:, 0]
+                first_rank[begin:end] = ranks.gather(1, (n - 1)[:, None]).squeeze(1).long()
 
     result = {f"R{k}": (first_rank <= k).to(acc_dtype).mean() * 100 for k in ks}
     result["mAP"] = average_precision.mean() * 100
     result["mINP"] = inverse_negative_penalty.mean() * 100
     return {name: value.to(torch.float32) for name, value in result.items()}
+
+
+@contextmanager
+def _intra_op_threads(threads: int | None) -> Iterator[None]:
+    """Run the body with at most ``threads`` intra-op threads (None: unchanged), then restore."""
+    previous = torch.get_num_threads()
+    if threads is None or previous <= threads:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class _Buffer:
