@@ -15,15 +15,6 @@ from tipr.model.backbone import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors gain nothing from threads; on a shared CPU they only wait for each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_tiny_preset_uses_the_clip_vocabulary_and_text_length():
     config = clip_config("tiny", text_length=24)
     assert config.text_config.vocab_size == 49408

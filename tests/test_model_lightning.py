@@ -12,14 +12,6 @@ from tipr.model.lightning_module import warmup_cosine_factor
 from tipr.tokenization import tokenize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors gain nothing from threads; on a shared CPU they only wait for each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 IMAGE_SIZE = (32, 16)
 TEXT_LENGTH = 16
 COLOURS = ["red", "blue", "green", "black"]

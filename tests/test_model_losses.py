@@ -18,15 +18,6 @@ from tipr.model.losses import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors gain nothing from threads; on a shared CPU they only wait for each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _cos(a, b):
     return float(a @ b / (a.norm() * b.norm()))
 

@@ -16,14 +16,6 @@ from tipr.model.restoration import (
 from tipr.tokenization import tokenize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors gain nothing from threads; on a shared CPU they only wait for each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 IMAGE_SIZE = (32, 16)  # patch 8 -> 4 x 2 grid
 TEXT_LENGTH = 16
 CAPTIONS = ["a man in a red shirt", "a woman with blue jeans and a black bag", "red shirt", "person"]
