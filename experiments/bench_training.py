@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import resource
 import sys
+import tempfile
 import time
 
 import torch
@@ -58,14 +59,15 @@ def main() -> None:
     from tipr.data import TIPRDataModule
     from tipr.model import TIPRModule
 
-    cli_args = ["--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.limit_val_batches=0",
+    scratch = tempfile.mkdtemp(prefix="tipr-bench-")
+    cli_args = ["--trainer.logger=false", "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={scratch}",
+                "--checkpoint.save_last=false", "--checkpoint.save_top_k=0",
                 f"--trainer.max_steps={args.warmup + args.steps}", "--trainer.enable_progress_bar=false"]
     config_args = [a for c in args.config for a in ("--config", c)]
     cli = TIPRCLI(TIPRModule, TIPRDataModule, auto_configure_optimizers=False, run=False,
                   save_config_callback=None, args=[*config_args, *cli_args, *overrides])
     probe = ThroughputProbe(args.warmup)
     cli.trainer.callbacks.append(probe)
-    # The schedule needs the planned number of steps; keep the config's epochs for it.
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
