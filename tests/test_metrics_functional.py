@@ -93,17 +93,31 @@ def test_random_similarity_matches_brute_force(seed, decimals):
         assert_matches(retrieval_ranks(similarity, query_pids, gallery_pids, chunk_size=chunk_size), expected)
 
 
-def test_many_bins_and_counting_sub_blocks_match_brute_force(monkeypatch):
-    # a larger gallery (more bins than items per bin), counting in sub-blocks of 3 queries
+@pytest.mark.parametrize("count_threads", [1, 3])
+def test_many_bins_and_counting_sub_blocks_match_brute_force(monkeypatch, count_threads):
+    # a larger gallery (more bins than items per bin), counting in sub-blocks of
+    # 3 queries, shared among `count_threads` threads
     generator = torch.Generator().manual_seed(7)
     gallery_pids = torch.randint(0, 30, (400,), generator=generator)
     query_pids = gallery_pids[torch.randint(0, 400, (50,), generator=generator)]
     similarity = torch.rand(50, 400, generator=generator).round(decimals=2)  # float32, ties
     monkeypatch.setitem(metrics_functional.COUNT_BLOCK_ENTRIES, "cpu", 3 * 400)
+    monkeypatch.setattr(metrics_functional, "CPU_COUNT_THREADS", count_threads)
     expected = brute_force(similarity, query_pids, gallery_pids, ks=(1, 3, 20))
     for chunk_size in (8, None):
         result = retrieval_ranks(similarity, query_pids, gallery_pids, ks=(1, 3, 20), chunk_size=chunk_size)
         assert_matches(result, expected)
+
+
+def test_sparse_nonzero_equals_nonzero():
+    generator = torch.Generator().manual_seed(5)
+    for size in (0, 7, 8, 64, 1001):
+        mask = torch.rand(size, generator=generator) < 0.05
+        mask[size // 2 : size // 2 + 1] = True
+        assert torch.equal(metrics_functional._sparse_nonzero(mask), mask.nonzero().squeeze(1))
+    offset = torch.zeros(20, dtype=torch.bool)
+    offset[[3, 9, 19]] = True
+    assert torch.equal(metrics_functional._sparse_nonzero(offset[3:]), torch.tensor([0, 6, 16]))
 
 
 def test_deterministic_mode_and_uninitialised_buffers():

@@ -20,9 +20,9 @@ and, per chunk, items are counted instead of sorted:
 
 1. gather the similarities of each query's relevant items (a few per query) and
    sort only those, ``u_1 <= ... <= u_n``;
-2. put every similarity of the row in one of ``M`` equal-width bins spanning
-   ``[u_1, u_n]`` (plus one bin below and one above), with a chain of monotone
-   element-wise float operations, and count the bins with ``bincount``;
+2. put every similarity in one of ``M`` equal-width bins spanning the block's
+   range, with a chain of monotone element-wise float operations, and count the
+   bins with ``bincount``;
 3. an item in a higher bin than ``u_j`` has a strictly higher similarity, one in
    a lower bin a strictly lower one; only the few items that share a bin with a
    relevant item are compared exactly (``s >= u_j``).
@@ -42,7 +42,8 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -63,13 +64,13 @@ DEFAULT_MAX_CHUNK_BYTES_ACCELERATOR = 256 * 2**20
 COUNT_BLOCK_ENTRIES = {"cpu": 2**21}
 COUNT_BLOCK_ENTRIES_ACCELERATOR = 2**24
 
-#: Intra-op threads for the counting passes on CPU (the matrix product keeps
-#: torch's setting). They are short passes over cache-resident sub-blocks, where
-#: thread barriers cost more than they save: on this project's 2-core machine,
-#: with other processes competing for the cores, two threads made the counting
-#: several times slower than one. ``None`` keeps torch's setting (try it on a
-#: large idle CPU).
-CPU_COUNT_THREADS: int | None = 1
+#: Counting on CPU: the sub-blocks are shared among this many Python threads,
+#: each running torch ops with one intra-op thread (ops release the GIL). The
+#: passes are short and cache-resident, where intra-op parallelism spends more
+#: on thread barriers than it saves (on a busy 2-core machine it made the
+#: counting several times slower); independent sub-blocks per thread scale
+#: instead. ``None``: as many threads as ``torch.get_num_threads()``.
+CPU_COUNT_THREADS: int | None = None
 
 #: Most bins per query row; fewer make the histogram fit the cache, more leave
 #: fewer gallery items sharing a bin with a relevant one.
@@ -112,7 +113,8 @@ def retrieval_ranks(
             4 bytes in float32), used to pick ``chunk_size``. Default 64 MiB on
             CPU, 256 MiB on accelerators. Peak working memory is about this plus
             13 bytes per entry of a counting sub-block (at most 2**21 entries on
-            CPU, 2**24 elsewhere; up to ~30 bytes when most similarities tie).
+            CPU, 2**24 elsewhere; up to ~30 bytes when most similarities tie)
+            per counting thread (on CPU, ``torch.get_num_threads()`` of them).
         empty_target_action: what to do with a query whose identity has no item
             in the gallery (its AP and INP are undefined): ``"error"`` (default)
             raises a ``ValueError`` naming those queries, ``"skip"`` leaves them
@@ -184,30 +186,43 @@ def retrieval_ranks(
     first_rank = torch.empty(num_kept, dtype=torch.long, device=device)
     average_precision = torch.empty(num_kept, dtype=acc_dtype, device=device)
     inverse_negative_penalty = torch.empty(num_kept, dtype=acc_dtype, device=device)
-    counter = _RelevantRankCounter(num_gallery, count_rows, dtype, device)
     block_buffer = _Buffer((chunk_size, num_gallery), dtype, device)
+    workers = 1
+    if device.type == "cpu":
+        workers = max(1, min(CPU_COUNT_THREADS or torch.get_num_threads(), -(-num_kept // count_rows)))
+    counters = [_RelevantRankCounter(num_gallery, count_rows, dtype, device) for _ in range(workers)]
 
-    for block_begin in range(0, num_kept, chunk_size):
-        block_end = min(block_begin + chunk_size, num_kept)
-        block_rows = None if query_rows is None else query_rows[block_begin:block_end]
-        block = block_of(block_begin, block_end, block_rows, block_buffer)  # (C, G)
-        with _intra_op_threads(CPU_COUNT_THREADS if device.type == "cpu" else None):
-            for begin in range(block_begin, block_end, count_rows):
-                end = min(begin + count_rows, block_end)
-                sim = block[begin - block_begin : end - block_begin]  # contiguous rows
-                rows = slice(begin, end) if query_rows is None else query_rows[begin:end]
-                n = num_relevant[rows]
-                width = int(n.max())
-                position = torch.arange(width, device=device)
-                valid = position < n[:, None]  # (c, K)
-                nth_relevant = torch.minimum(position, n[:, None] - 1)  # padding repeats the last one
-                relevant = gallery_order[run_start[rows, None] + nth_relevant]  # (c, K) gallery columns
-                ranks = counter(sim, relevant, valid, n).to(acc_dtype)  # (c, K), by ascending similarity
-                # the j-th lowest relevant similarity belongs to the (n - j)-th best relevant item
-                nth = (n[:, None] - position).to(acc_dtype)
-                average_precision[begin:end] = torch.where(valid, nth / ranks, 0).sum(1) / n.to(acc_dtype)
-                inverse_negative_penalty[begin:end] = n.to(acc_dtype) / ranks[:, 0]
-                first_rank[begin:end] = ranks.gather(1, (n - 1)[:, None]).squeeze(1).long()
+    def count(counter: _RelevantRankCounter, block: Tensor, block_begin: int, spans: list[tuple[int, int]]) -> None:
+        """Ranks of the queries of each ``begin:end`` span (kept-query positions) from their rows of ``block``."""
+        for begin, end in spans:
+            sim = block[begin - block_begin : end - block_begin]  # contiguous rows
+            rows = slice(begin, end) if query_rows is None else query_rows[begin:end]
+            n = num_relevant[rows]
+            width = int(n.max())
+            position = torch.arange(width, device=device)
+            valid = position < n[:, None]  # (c, K)
+            nth_relevant = torch.minimum(position, n[:, None] - 1)  # padding repeats the last one
+            relevant = gallery_order[run_start[rows, None] + nth_relevant]  # (c, K) gallery columns
+            ranks = counter(sim, relevant, valid, n).to(acc_dtype)  # (c, K), by ascending similarity
+            # the j-th lowest relevant similarity belongs to the (n - j)-th best relevant item
+            nth = (n[:, None] - position).to(acc_dtype)
+            average_precision[begin:end] = torch.where(valid, nth / ranks, 0).sum(1) / n.to(acc_dtype)
+            inverse_negative_penalty[begin:end] = n.to(acc_dtype) / ranks[:, 0]
+            first_rank[begin:end] = ranks.gather(1, (n - 1)[:, None]).squeeze(1).long()
+
+    with ExitStack() as stack:
+        pool = stack.enter_context(ThreadPoolExecutor(workers)) if workers > 1 else None
+        for block_begin in range(0, num_kept, chunk_size):
+            block_end = min(block_begin + chunk_size, num_kept)
+            block_rows = None if query_rows is None else query_rows[block_begin:block_end]
+            block = block_of(block_begin, block_end, block_rows, block_buffer)  # (C, G)
+            spans = [(begin, min(begin + count_rows, block_end)) for begin in range(block_begin, block_end, count_rows)]
+            with _intra_op_threads(1 if device.type == "cpu" else None):
+                if pool is None:
+                    count(counters[0], block, block_begin, spans)
+                else:  # worker w takes spans w, w + workers, ...; list() re-raises a worker's exception
+                    list(pool.map(count, counters, [block] * workers, [block_begin] * workers,
+                                  [spans[w::workers] for w in range(workers)]))
 
     result = {f"R{k}": (first_rank <= k).to(acc_dtype).mean() * 100 for k in ks}
     result["mAP"] = average_precision.mean() * 100
@@ -246,9 +261,9 @@ class _RelevantRankCounter:
     """Ranks of the relevant items of a few queries, by counting (see module docstring)."""
 
     def __init__(self, num_gallery: int, max_rows: int, dtype: torch.dtype, device: torch.device):
-        # M equal-width bins over [u_1, u_n]: at most 4 gallery items per bin on
-        # average, so few items share a bin with a relevant one; at most
-        # MAX_BINS keeps the per-row histogram small.
+        # M equal-width bins per row: about 4 gallery items per bin on average,
+        # so few items share a bin with a relevant one; at most MAX_BINS keeps
+        # the per-row histogram in the cache.
         self.num_bins = max(16, min(MAX_BINS, num_gallery // 4))
         self._binned = _Buffer((max_rows, num_gallery), dtype, device)
         self._bin = _Buffer((max_rows, num_gallery), torch.int32, device)
@@ -270,24 +285,26 @@ class _RelevantRankCounter:
         width = relevant.shape[1]
         device = sim.device
         num_bins = self.num_bins
-        bins_per_row = num_bins + 3  # below u_1 | M bins over [u_1, u_n] (+ rounding slack) | above
+        bins_per_row = num_bins + 1
         binned, bin_index = self._binned(rows), self._bin(rows)
 
         # 1. the relevant similarities, sorted ascending; padding -> +inf at the end
         threshold = sim.gather(1, relevant).masked_fill_(~valid, float("inf"))
         threshold, order = threshold.sort(dim=1)  # (c, K)
         relevant = relevant.gather(1, order)
-        low = threshold[:, :1]
-        high = threshold.gather(1, (n - 1)[:, None])
-        finfo = torch.finfo(sim.dtype)
-        scale = num_bins / (high - low).clamp(min=16 * num_bins / finfo.max, max=finfo.max)  # (c, 1), finite
 
-        # 2. bin of every similarity. Each step is a separate, correctly rounded,
-        # non-decreasing operation, so s > t implies bin(s) >= bin(t): a higher
-        # bin always means a strictly higher similarity. u_1 lands in bin 1,
-        # u_n in bin ~M + 1; lower items in bin 0, much higher ones in bin M + 2.
+        # 2. bin of every similarity: M equal-width bins over the sub-block's
+        # range, so the items spread over the bins as their similarities do (a
+        # bin holding most items would serialise the histogram's increments).
+        # Each step is a separate, correctly rounded, non-decreasing operation,
+        # so s > t implies bin(s) >= bin(t): a higher bin always means a strictly
+        # higher similarity. Any finite positive scale keeps this true.
+        low, high = torch.aminmax(sim)
+        finfo = torch.finfo(sim.dtype)
+        span = high.double() - low.double()
+        scale = (num_bins / span.clamp(min=finfo.tiny)).clamp(min=finfo.tiny, max=finfo.max).to(sim.dtype)
         torch.sub(sim, low, out=binned)
-        binned.mul_(scale).add_(1.5).clamp_(0, num_bins + 2)
+        binned.mul_(scale).clamp_(0, num_bins)
         bin_index.copy_(binned)  # truncation == floor on values >= 0
         row_offset = torch.arange(rows, dtype=torch.int32, device=device)[:, None] * bins_per_row
         bin_index.add_(row_offset)  # (c, G): bins of row r are r * B ... r * B + B - 1
@@ -308,19 +325,19 @@ class _RelevantRankCounter:
         longest_run = int(run_length.max())
         first_slot = torch.full((rows * bins_per_row,), -1, dtype=torch.int32, device=device)
         first_slot[threshold_bin.view(-1)[runs]] = runs.to(torch.int32)
-        candidates = (first_slot >= 0).index_select(0, bin_index.view(-1)).nonzero().squeeze(1)  # flat positions
+        candidates = _sparse_nonzero((first_slot >= 0).index_select(0, bin_index.view(-1)))  # flat positions
         threshold_flat = threshold.view(-1)
         same_bin_at_or_above = torch.zeros(rows * width, dtype=torch.long, device=device)
         block = max(1, rows * num_gallery // 4)  # bounds the temporaries when most similarities tie
         for begin in range(0, candidates.numel(), block):
             flat = candidates[begin : begin + block]
-            value = sim.view(-1)[flat]
-            first = first_slot[bin_index.view(-1)[flat]].long()
-            length = run_length[first]
+            value = sim.view(-1).index_select(0, flat)
+            first = first_slot.index_select(0, bin_index.view(-1).index_select(0, flat)).long()
+            length = run_length.index_select(0, first)
             for t in range(longest_run):  # usually 1: one relevant item per shared bin
                 inside = length > t
                 at = torch.where(inside, first + t, first)  # slot of the run's t-th relevant item
-                hit = inside & (value >= threshold_flat[at])
+                hit = inside & (value >= threshold_flat.index_select(0, at))
                 same_bin_at_or_above.scatter_add_(0, at, hit.long())
         at_or_above_threshold = above + same_bin_at_or_above.view(rows, width)  # s >= u_j, relevant included
 
@@ -330,6 +347,25 @@ class _RelevantRankCounter:
         # rank of the j-th lowest = its place among the relevant items (n - j)
         # + the non-relevant items with s >= u_j (pessimistic ties)
         return (n[:, None] - position) + at_or_above_threshold - relevant_at_or_above
+
+
+def _sparse_nonzero(mask: Tensor) -> Tensor:
+    """Positions of the True entries of a flat bool tensor, ascending, for masks that are mostly False.
+
+    ``nonzero`` costs about a nanosecond per entry on CPU; read as 8-byte words,
+    the mask has 8 times fewer entries to scan, and only the few non-zero words
+    are looked into byte by byte.
+    """
+    head = mask.numel() - mask.numel() % 8
+    if mask.storage_offset() % 8:
+        return mask.nonzero().squeeze(1)
+    words = mask[:head].view(torch.int64)  # (N / 8,)
+    hit_words = words.nonzero().squeeze(1)
+    within = mask[:head].view(-1, 8).index_select(0, hit_words).nonzero()  # (m, 2): word row, byte
+    positions = hit_words.index_select(0, within[:, 0]) * 8 + within[:, 1]
+    if head == mask.numel():
+        return positions
+    return torch.cat([positions, mask[head:].nonzero().squeeze(1) + head])
 
 
 def _similarity_source(
