@@ -25,7 +25,10 @@ import torch
 
 SOT_TOKEN = "<|startoftext|>"
 EOT_TOKEN = "<|endoftext|>"
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+#: Files that make up a tokenizer in a checkpoint folder (some may be absent).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
+#: A folder holding one of these has a tokenizer of its own.
+_DEFINING_FILES = ("tokenizer.json", "vocab.json")
 
 # ftfy.fix_text, which OpenAI CLIP applies before BPE, changes a few characters
 # that matter for captions; these are the ones the Rust normaliser leaves alone.
@@ -61,7 +64,7 @@ def load_tokenizer(name_or_path: str | Path | None = None):
     """
     if name_or_path is not None:
         folder = Path(name_or_path)
-        if folder.is_dir() and any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        if folder.is_dir() and any((folder / f).is_file() for f in _DEFINING_FILES):
             return _load_folder(str(folder.resolve()))
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"tokenizer {str(name_or_path)!r}: expected a checkpoint folder, got a file")
@@ -79,6 +82,12 @@ def _load_folder(folder: str):
     if Path(folder, "tokenizer_config.json").is_file() or Path(folder, "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def tokenizer_files(tokenizer) -> list[Path]:
+    """The files a tokenizer from ``load_tokenizer`` was read from (to fingerprint it)."""
+    folder = Path(getattr(tokenizer, "name_or_path", "") or "")
+    return [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()] if folder.is_dir() else []
 
 
 def tokenize(captions: Sequence[str], tokenizer=None, context_length: int = 77) -> torch.Tensor:

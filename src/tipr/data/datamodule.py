@@ -21,14 +21,13 @@ from tipr.data.pruning import TAGGER_ASSET, prune_captions
 from tipr.data.samplers import IdentitySampler
 from tipr.data.synthetic import SyntheticConfig, ensure_synthetic
 from tipr.data.transforms import build_eval_transform, build_train_transform
-from tipr.tokenization import load_tokenizer, tokenize
+from tipr.tokenization import load_tokenizer, tokenize, tokenizer_files
 
 __all__ = ["DATASETS", "TIPRDataModule"]
 
 DATASETS = (*BENCHMARKS, "synthetic")
 SYNTHETIC_FORMAT = "CUHK-PEDES"
 _CACHE_VERSION = 1
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
 
 
 class TIPRDataModule(L.LightningDataModule):
@@ -182,10 +181,8 @@ class TIPRDataModule(L.LightningDataModule):
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
         tokenizer = load_tokenizer(self.tokenizer)
-        folder = Path(getattr(tokenizer, "name_or_path", "") or "")
-        files = [folder / n for n in _TOKENIZER_FILES if (folder / n).is_file()] if folder.is_dir() else []
         h.update(f"{type(tokenizer).__name__} {len(tokenizer)}\n".encode())
-        for path in files:
+        for path in tokenizer_files(tokenizer):
             h.update(path.name.encode() + path.read_bytes())
         h.update(resources.files("tipr").joinpath(TAGGER_ASSET).read_bytes())
         h.update(resources.files("tipr.data").joinpath("pruning.py").read_bytes())
