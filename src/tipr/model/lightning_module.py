@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -250,6 +251,21 @@ class TIPRModule(pl.LightningModule):
         hparams = checkpoint.get("hyper_parameters")
         if hparams is not None:
             hparams["backbone"] = self.network.clip.config.to_dict()
+
+    @classmethod
+    def from_reference_checkpoint(cls, path: str | Path, **kwargs: Any) -> TIPRModule:
+        """A module from an IRRA/SEN checkpoint or OpenAI CLIP weights (see :mod:`tipr.convert`).
+
+        ``kwargs`` go to :func:`tipr.convert.load_reference_checkpoint` (``image_size``,
+        ``text_length``, ``num_classes`` and any constructor argument). The
+        :class:`tipr.convert.ConversionReport` (heads left freshly initialised,
+        source keys not used) is kept as ``module.conversion_report``.
+        """
+        from tipr.convert import load_reference_checkpoint
+
+        module, report = load_reference_checkpoint(path, module_class=cls, **kwargs)
+        module.conversion_report = report
+        return module
 
     # ------------------------------------------------------- notebook API
     @property
