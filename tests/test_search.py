@@ -1,0 +1,315 @@
+"""Searching your own images: gallery index (incremental, failures, model check), search, contact sheets, CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from PIL import Image
+
+import tipr.search as search_module
+from tipr.cli import main
+from tipr.data import TIPRDataModule
+from tipr.data.datasets import read_image
+from tipr.data.transforms import build_eval_transform
+from tipr.model import TIPRModule
+from tipr.search import GalleryError, GalleryIndex, build_index, contact_sheet, model_fingerprint, search
+from tipr.visualization import to_pil
+
+IMAGE_SIZE = (32, 16)
+TEXT_LENGTH = 32
+NUM_IDS = 8
+
+
+@dataclass
+class Trained:
+    module: TIPRModule  # loaded back from ckpt, as the commands do
+    ckpt: Path
+    other_ckpt: Path  # the same model with one weight nudged: another fingerprint
+    image_dir: Path  # the synthetic benchmark's imgs/
+    images: list[str]  # one training image per identity, relative to image_dir
+    captions: list[str]  # a training caption of each of those images
+    spare: Path  # a test-split image (an identity never trained on)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Trained:
+    """A tiny SEN model trained in-process on 8 synthetic identities (about 7 s on one CPU thread).
+
+    120 epochs of 4 steps at lr 1.5e-3 put every training caption's own image
+    first among the 8 (margins >= 0.01 cosine); the run is deterministic.
+    """
+    root = tmp_path_factory.mktemp("search")
+    pl.seed_everything(0, verbose=False)
+    data = TIPRDataModule(
+        "synthetic", str(root / "data"), image_size=IMAGE_SIZE, batch_size=8, num_workers=0, text_length=TEXT_LENGTH,
+        prune_prob=0.0, num_train_ids=NUM_IDS, num_val_ids=0, num_test_ids=1, images_per_id=1, captions_per_image=2,
+        synthetic_image_size=(64, 32),
+    )
+    module = TIPRModule(
+        num_classes=data.num_classes, backbone="tiny", image_size=IMAGE_SIZE, text_length=TEXT_LENGTH, lr=1.5e-3,
+        adam_eps=1e-8, warmup_epochs=0.5, tir_weight=0.0,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=120, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, num_sanity_val_steps=0,
+        limit_val_batches=0, deterministic=True,
+    )
+    trainer.fit(module, datamodule=data)
+    ckpt = root / "model.ckpt"
+    trainer.save_checkpoint(ckpt)
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    checkpoint["state_dict"]["network.clip.text_projection.weight"] += 1e-3
+    torch.save(checkpoint, root / "other.ckpt")
+
+    benchmark = data.benchmark
+    train = benchmark.split("train")
+    first_caption = {int(img): c for c, img in reversed(list(enumerate(train.caption_images)))}
+    return Trained(
+        module=TIPRModule.load_from_checkpoint(ckpt, map_location="cpu"),
+        ckpt=ckpt,
+        other_ckpt=root / "other.ckpt",
+        image_dir=Path(benchmark.image_dir),
+        images=[str(p) for p in train.image_paths],
+        captions=[train.captions[first_caption[i]] for i in range(len(train.image_paths))],
+        spare=Path(benchmark.image_dir) / str(benchmark.split("test").image_paths[0]),
+    )
+
+
+def gallery_names(count: int = NUM_IDS) -> list[str]:
+    """Where identity i's image goes in the photo folder: nested folders, mixed extension case, a PNG."""
+    names = [f"id{i}.jpg" for i in range(count)]
+    names[1] = "street/id1.JPG"
+    names[2] = "street/night/id2.png"
+    return names
+
+
+@pytest.fixture
+def photos(trained, tmp_path) -> Path:
+    """A folder of the 8 identities' images, plus a corrupt JPEG and a file that is no image."""
+    folder = tmp_path / "photos"
+    for source, name in zip(trained.images, gallery_names()):
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.suffix == ".png":
+            Image.open(trained.image_dir / source).save(target)
+        else:
+            shutil.copyfile(trained.image_dir / source, target)
+    (folder / "broken.jpg").write_bytes(os.urandom(2000))
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_index_then_search_through_the_cli(trained, photos, tmp_path, capsys):
+    gallery_file = tmp_path / "photos.gallery"
+    code, out, err = run(capsys, "index", "--ckpt", trained.ckpt, "--images", photos, "--out", gallery_file,
+                         "--batch-size", 3, "--num-workers", 1, "--device", "cpu")
+    assert code == 0, err
+    assert f"{photos}: 9 image files; encoded 8 (8 new, 0 changed), kept 0 unchanged" in out
+    assert "1 file could not be read and is not in the index:\n  broken.jpg: UnidentifiedImageError" in out
+    assert f"wrote {gallery_file}: 8 images" in out
+
+    query = trained.captions[2]
+    code, out, err = run(capsys, "search", "--ckpt", trained.ckpt, "--gallery", gallery_file, "--query", query,
+                         "--top-k", 3, "--device", "cpu")
+    assert code == 0, err
+    lines = out.splitlines()
+    first = lines[lines.index(f"query 1: {query}") + 1].split()
+    assert first[0] == "1" and first[2] == "street/night/id2.png"
+    assert len([line for line in lines if line.strip()[:1].isdigit()]) == 3
+
+
+def test_python_api_ranks_each_caption_s_own_image_first(trained, photos):
+    module = trained.module
+    gallery = build_index(module, photos, num_workers=0, progress=False)
+    assert gallery.paths == sorted(gallery_names()) and gallery.file is None
+    assert set(gallery.failed) == {"broken.jpg"} and gallery.report.failed == gallery.failed
+    assert torch.allclose(gallery.features.norm(dim=1), torch.ones(NUM_IDS))
+
+    hits = search(module, gallery, trained.captions, top_k=NUM_IDS)
+    names = gallery_names()
+    assert [row[0].path for row in hits] == names
+    # Scores are the model's cosine similarities, best first, ranks from 1.
+    transform = build_eval_transform(IMAGE_SIZE)
+    pixels = torch.stack([transform(read_image(photos / path)) for path in gallery.paths])
+    expected = module.similarity(module.encode_captions(trained.captions), module.encode_images(pixels))
+    for q, row in enumerate(hits):
+        assert [hit.rank for hit in row] == list(range(1, NUM_IDS + 1))
+        assert [hit.score for hit in row] == sorted((hit.score for hit in row), reverse=True)
+        for hit in row:
+            assert hit.score == pytest.approx(float(expected[q, gallery.paths.index(hit.path)]), abs=1e-5)
+    assert [h.path for h in search(module, gallery, trained.captions[5], top_k=1)[0]] == [names[5]]
+
+
+def test_gallery_file_round_trip(trained, photos, tmp_path):
+    out = tmp_path / "g" / "photos.gallery"
+    built = build_index(trained.module, photos, out, checkpoint=trained.ckpt, num_workers=0, progress=False)
+    loaded = GalleryIndex.load(out)
+    assert loaded.file == str(out) and loaded.report is None
+    assert loaded.paths == built.paths and torch.equal(loaded.features, built.features)
+    assert torch.equal(loaded.sizes, built.sizes) and torch.equal(loaded.mtimes, built.mtimes)
+    assert loaded.model == built.model and loaded.model["checkpoint"] == str(trained.ckpt.resolve())
+    assert loaded.model["fingerprint"] == model_fingerprint(trained.module) and loaded.root == str(photos.resolve())
+    assert loaded.failed == {"broken.jpg": built.failed["broken.jpg"]}
+    raw = torch.load(out, weights_only=True)
+    assert (raw["format"], raw["version"]) == ("tipr-gallery", 1)
+    assert not [p for p in out.parent.iterdir() if p.name != out.name]  # no temporary file left
+
+
+def test_reindex_encodes_only_new_and_changed_files_and_drops_vanished_ones(trained, photos, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "photos.gallery"
+    first = build_index(trained.module, photos, out, checkpoint=trained.ckpt, num_workers=0, progress=False)
+    names = gallery_names()
+    shutil.copyfile(trained.spare, photos / "street" / "new1.jpg")
+    Image.open(photos / names[3]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(photos / "new2.webp")
+    changed = photos / names[4]
+    shutil.copyfile(trained.spare, changed)  # other content, other size
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    (photos / names[6]).unlink()
+
+    decoded = []
+
+    def counting_read(path):
+        decoded.append(Path(path).relative_to(photos).as_posix())
+        return read_image(path)
+
+    monkeypatch.setattr(search_module, "read_image", counting_read)
+    code, out_text, err = run(capsys, "index", "--ckpt", trained.ckpt, "--images", photos, "--out", out,
+                              "--num-workers", 0, "--device", "cpu")
+    assert code == 0, err
+    assert sorted(decoded) == sorted(["street/new1.jpg", "new2.webp", names[4], "broken.jpg"])  # the failure is retried
+    assert "encoded 3 (2 new, 1 changed), kept 6 unchanged" in out_text
+    assert "dropped 1 entry whose file is gone" in out_text and "broken.jpg: UnidentifiedImageError" in out_text
+
+    second = GalleryIndex.load(out)
+    assert second.paths == sorted(set(names) - {names[6]} | {"street/new1.jpg", "new2.webp"})
+    for path in set(first.paths) & set(second.paths) - {names[4]}:  # taken over bit for bit
+        assert torch.equal(second.features[second.paths.index(path)], first.features[first.paths.index(path)])
+    fresh = build_index(trained.module, photos, num_workers=0, progress=False)  # from scratch, in memory
+    assert fresh.paths == second.paths
+    assert torch.allclose(fresh.features, second.features, atol=1e-6)
+
+    # Nothing changed: nothing but the failure is decoded again.
+    decoded.clear()
+    again = build_index(trained.module, photos, out, checkpoint=trained.ckpt, num_workers=0, progress=False)
+    assert decoded == ["broken.jpg"] and again.report.encoded == [] and again.report.kept == 9
+
+
+def test_another_model_is_refused_naming_both_checkpoints(trained, photos, tmp_path, capsys):
+    out = tmp_path / "photos.gallery"
+    build_index(trained.module, photos, out, checkpoint=trained.ckpt, num_workers=0, progress=False)
+    before = out.read_bytes()
+    for command in (["search", "--gallery", out, "--query", "a person"], ["index", "--images", photos, "--out", out]):
+        code, _, err = run(capsys, *command, "--ckpt", trained.other_ckpt, "--device", "cpu")
+        assert code == 1
+        assert f"gallery {out} was indexed with another model: {trained.ckpt.resolve()}" in err
+        assert f"the model given is {trained.other_ckpt.resolve()}" in err
+    assert out.read_bytes() == before
+    other = TIPRModule.load_from_checkpoint(trained.other_ckpt, map_location="cpu")
+    with pytest.raises(GalleryError, match="another model"):
+        search(other, GalleryIndex.load(out), "a person")
+
+
+def test_a_file_that_is_not_a_gallery_is_refused_by_name(trained, photos, tmp_path, capsys):
+    text = tmp_path / "notes.gallery"
+    text.write_text("hello")
+    for not_gallery in (trained.ckpt, text):
+        code, _, err = run(capsys, "search", "--ckpt", trained.ckpt, "--gallery", not_gallery, "--query", "x",
+                           "--device", "cpu")
+        assert code == 1 and f"{not_gallery} is not a tipr gallery file" in err
+    torch.save({"features": torch.zeros(2, 3)}, tmp_path / "tensors.pt")
+    with pytest.raises(GalleryError, match="tensors.pt is not a tipr gallery file"):
+        GalleryIndex.load(tmp_path / "tensors.pt")
+    code, _, err = run(capsys, "index", "--ckpt", trained.ckpt, "--images", photos, "--out", text, "--device", "cpu")
+    assert code == 1 and f"{text} is not a tipr gallery file" in err and "not overwriting it" in err
+    assert text.read_text() == "hello"
+    code, _, err = run(capsys, "search", "--ckpt", trained.ckpt, "--gallery", tmp_path / "missing", "--query", "x")
+    assert code == 1 and f"gallery file {tmp_path / 'missing'} does not exist" in err
+
+
+def test_top_k_beyond_the_gallery_is_clamped(trained, photos, tmp_path, capsys):
+    gallery = build_index(trained.module, photos, tmp_path / "g", checkpoint=trained.ckpt, num_workers=0, progress=False)
+    assert [len(row) for row in search(trained.module, gallery, ["a", "b"], top_k=100)] == [NUM_IDS, NUM_IDS]
+    with pytest.raises(ValueError, match="top_k must be >= 1, got 0"):
+        search(trained.module, gallery, "a", top_k=0)
+    code, out, err = run(capsys, "search", "--ckpt", trained.ckpt, "--gallery", tmp_path / "g", "--query", "a",
+                         "--top-k", 50, "--device", "cpu")
+    assert code == 0 and "--top-k 50 is more than the 8 images of the gallery" in err
+    assert len([line for line in out.splitlines() if line.strip()[:1].isdigit()]) == NUM_IDS
+
+
+def test_queries_from_a_file_and_a_contact_sheet(trained, photos, tmp_path, capsys):
+    gallery_file = tmp_path / "g"
+    build_index(trained.module, photos, gallery_file, checkpoint=trained.ckpt, num_workers=0, progress=False)
+    queries = tmp_path / "queries.txt"
+    queries.write_text(f"{trained.captions[0]}\n\n   \n{trained.captions[7]}\n")
+    code, out, err = run(capsys, "search", "--ckpt", trained.ckpt, "--gallery", gallery_file, "--queries", queries,
+                         "--top-k", 3, "--out", tmp_path / "sheet.png", "--device", "cpu")
+    assert code == 0, err
+    assert f"query 1: {trained.captions[0]}" in out and f"query 2: {trained.captions[7]}" in out
+    assert "query 3" not in out
+    sheet = Image.open(tmp_path / "sheet.png")
+    # Default tiles: the model's 32x16 input scaled by 4 to 128x64; 3 tiles a row, 4 px apart.
+    assert sheet.width == 3 * (64 + 4) + 4 and sheet.height > 2 * (128 + 20)
+
+    code, _, err = run(capsys, "search", "--ckpt", trained.ckpt, "--gallery", gallery_file, "--queries",
+                       tmp_path / "missing.txt")
+    assert code == 1 and f"cannot read queries from {tmp_path / 'missing.txt'}" in err
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["search", "--ckpt", str(trained.ckpt), "--gallery", str(gallery_file), "--queries", str(tmp_path / "blank.txt")])
+    assert exit_info.value.code == 2 and "give at least one query" in capsys.readouterr().err
+
+
+def test_contact_sheet_layout_and_images_root(trained, photos, tmp_path):
+    gallery = build_index(trained.module, photos, num_workers=0, progress=False)
+    queries = ["a person in red", "a person in blue"]
+    hits = search(trained.module, gallery, queries, top_k=4)
+    moved = photos.rename(tmp_path / "moved")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every image is found under the new root
+        sheet = contact_sheet(gallery, queries, hits, images_root=moved, tile_size=(64, 32))
+    tile_h, tile_w, pad = 64, 32, 4
+    assert sheet.width == 4 * (tile_w + pad) + pad
+    row_h = sheet.height // 2  # one-line queries: both rows equally high
+    assert sheet.height == 2 * row_h
+    transform = build_eval_transform((tile_h, tile_w))
+    for r, row in enumerate(hits):
+        for c, hit in enumerate(row):
+            x, y = pad + c * (tile_w + pad), r * row_h + row_h - tile_h - 12 - pad  # text band, then the tile
+            expected = to_pil(transform(read_image(moved / hit.path)))
+            assert sheet.crop((x, y, x + tile_w, y + tile_h)).tobytes() == expected.tobytes(), (r, c)
+    with pytest.warns(UserWarning, match="cannot read image"):
+        contact_sheet(gallery, queries[:1], hits[:1])  # the indexed folder is gone: grey tiles
+
+
+def test_a_folder_with_nothing_readable_exits_1_listing_the_failures(trained, tmp_path, capsys):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    code, out, err = run(capsys, "index", "--ckpt", trained.ckpt, "--images", folder, "--out", tmp_path / "g",
+                         "--num-workers", 0, "--device", "cpu")
+    assert code == 1 and "broken.jpg: " in out and "no readable image under" in err
+    code, _, err = run(capsys, "index", "--ckpt", trained.ckpt, "--images", tmp_path / "nowhere", "--out",
+                       tmp_path / "g")
+    assert code == 1 and f"image folder {tmp_path / 'nowhere'} does not exist" in err
+
+
+def test_import_is_light():
+    code = "import sys, tipr.search; print(sorted(m for m in ('lightning', 'torchvision', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
