@@ -213,12 +213,19 @@ class SENNetwork(nn.Module):
         return {"prediction": prediction, "target": target, "mask": mask}
 
     # ----------------------------------------------------------------- losses
-    def forward(self, images: torch.Tensor, token_ids: torch.Tensor, pids: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        images: torch.Tensor,
+        token_ids: torch.Tensor,
+        pids: torch.Tensor,
+        noise: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Training losses for a batch of paired images and captions.
 
         Args:
             images: ``(B, 3, H, W)``; token_ids: ``(B, L)`` zero-padded CLIP ids;
             pids: ``(B,)`` identity labels ``0 .. num_classes - 1``.
+            noise: ``(B, N)`` TIR masking noise (see :meth:`restore`); fresh when None.
 
         Returns:
             ``{"loss": weighted sum, "<name>": unweighted loss for each loss with weight > 0}``.
@@ -250,7 +257,7 @@ class SENNetwork(nn.Module):
         if w["itc"] > 0:
             losses["itc"] = itc_loss(image_features, text_features, self.temperature)
         if w["tir"] > 0:
-            restored = self.restore(images, text_tokens, eot)
+            restored = self.restore(images, text_tokens, eot, noise)
             losses["tir"] = masked_patch_mse(restored["prediction"], restored["target"], restored["mask"])
         losses["loss"] = sum(w[name] * value for name, value in losses.items())
         return losses
