@@ -44,9 +44,17 @@ def test_resize_square_table_to_non_square_grid_keeps_cls():
     grid = resized[1:].reshape(6, 2, d)
     assert torch.allclose(grid[:, 0], grid[:, 1])  # constant along the width
     assert grid[-1, 0, 0] > grid[0, 0, 0]  # still increasing along the height
-    # Same as bicubic interpolation done by hand.
+    # Bilinear, align_corners off, as the reference code: row i samples source row
+    # (i + 0.5) * 4 / 6 - 0.5, clamped to the table, so the values are known exactly.
+    expected = torch.tensor([0.0, 0.5, 7 / 6, 11 / 6, 2.5, 3.0])
+    assert torch.allclose(grid[:, 0, 0], expected, atol=1e-6)
+    # Bicubic on request: the same as F.interpolate done by hand (and not the bilinear table).
+    bicubic = resize_position_embedding(table, (6, 2), interpolation="bicubic")[1:].reshape(6, 2, d)
     by_hand = F.interpolate(rows.permute(2, 0, 1)[None], size=(6, 2), mode="bicubic", align_corners=False)
-    assert torch.allclose(grid, by_hand[0].permute(1, 2, 0), atol=1e-6)
+    assert torch.allclose(bicubic, by_hand[0].permute(1, 2, 0), atol=1e-6)
+    assert not torch.allclose(bicubic, grid, atol=1e-3)
+    with pytest.raises(ValueError, match="position_interpolation.*'nearest'"):
+        resize_position_embedding(table, (6, 2), interpolation="nearest")
     # Same grid: untouched; non-square source needs old_grid.
     assert resize_position_embedding(table, (4, 4)) is table
     with pytest.raises(ValueError, match="12 patch rows"):

@@ -91,7 +91,7 @@ def test_parameter_groups_follow_the_recipe():
     module = _module(lr=1e-5)
     groups = {g["name"]: g for g in module.parameter_groups()}
     assert {k: (g["lr"], g["weight_decay"]) for k, g in groups.items()} == {
-        "base": (1e-5, 4e-5), "boosted": (5e-5, 4e-5), "bias": (2e-5, 0.0),
+        "base": (1e-5, 4e-5), "boosted": (5e-5, 4e-5), "bias": (2e-5, 0.0), "boosted_bias": (5e-5, 0.0),
     }
     names = {id(p): n for n, p in module.network.named_parameters()}
     members = {k: {names[id(p)] for p in g["params"]} for k, g in groups.items()}
@@ -104,8 +104,13 @@ def test_parameter_groups_follow_the_recipe():
             "restoration.query_norm.weight", "clip.vision_model.encoder.layers.0.self_attn.k_proj.weight",
             "clip.text_model.embeddings.token_embedding.weight"} <= members["base"]
     assert all(n.endswith("bias") for n in members["bias"])
-    assert {"classifier.bias", "clip.vision_model.post_layernorm.bias",
-            "restoration.cross_attn.in_proj_bias"} <= members["bias"]
+    # The reference applies its classifier rule after its bias rule: the classifier's bias
+    # is boosted (no weight decay); every other bias, the cross-attention's too, gets 2x.
+    assert members["boosted_bias"] == {"classifier.bias"}
+    assert {"clip.vision_model.post_layernorm.bias", "restoration.cross_attn.in_proj_bias",
+            "restoration.transformer.0.attn.qkv.bias"} <= members["bias"]
+    plain = {g["name"]: g for g in _module(lr=1e-5, boosted_bias_modules=[]).parameter_groups()}
+    assert "boosted_bias" not in plain and len(plain["bias"]["params"]) == len(groups["bias"]["params"]) + 1
     # Configurable boosted set, checked against the network.
     wider = _module(boosted_modules=["classifier", "restoration"])
     (boosted,) = [g["params"] for g in wider.parameter_groups() if g["name"] == "boosted"]
@@ -210,3 +215,51 @@ def test_bf16_autocast_and_gradient_checkpointing_keep_fp32_weights(tmp_path):
     assert trainer.global_step == 2
     assert all(p.dtype == torch.float32 for p in module.parameters())
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_reference_fp16_weights_keep_norms_and_embeddings_fp32_and_train_with_fp16_adam_state(tmp_path):
+    """The reference's precision as an option: fp16 linear/conv/attention weights, hence fp16 Adam
+    state; norms, embeddings and the TIR mask token fp32; the module's own fp16 autocast."""
+    module = _module(reference_fp16_weights=True)
+    dtypes = {n: p.dtype for n, p in module.network.named_parameters()}
+    half = {
+        "clip.vision_model.embeddings.patch_embedding.weight", "clip.visual_projection.weight",
+        "clip.text_model.encoder.layers.0.self_attn.q_proj.weight", "clip.text_model.encoder.layers.0.mlp.fc1.bias",
+        "classifier.weight", "classifier.bias", "restoration.cross_attn.in_proj_weight",
+        "restoration.cross_attn.out_proj.weight", "restoration.transformer.0.attn.qkv.weight",
+        "restoration.pixel_head.weight",
+    }
+    assert all(dtypes[n] == torch.float16 for n in half)
+    single = {n for n, d in dtypes.items() if d == torch.float32}
+    assert {"clip.vision_model.embeddings.class_embedding", "clip.vision_model.embeddings.position_embedding.weight",
+            "clip.text_model.embeddings.token_embedding.weight", "clip.vision_model.pre_layrnorm.weight",
+            "restoration.mask_token", "restoration.transformer.0.norm1.weight"} <= single
+    assert all("norm" in n or "embedding" in n or n.endswith(("mask_token", "logit_scale")) for n in single)
+
+    with pytest.raises(ValueError, match="reference_fp16_weights.*32-true.*bf16-mixed"):
+        _trainer(tmp_path, precision="bf16-mixed", max_epochs=1).fit(module, datamodule=ToyData())
+    trainer = _trainer(tmp_path, precision="32-true", max_epochs=1, limit_val_batches=0)
+    trainer.fit(module, datamodule=ToyData())
+    assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])
+    weight = module.network.clip.visual_projection.weight
+    assert weight.dtype == torch.float16
+    assert trainer.optimizers[0].state[weight]["exp_avg_sq"].dtype == torch.float16
+    # Evaluation runs under the same autocast and returns float features.
+    queries, _ = ToyData().val_dataloader()
+    assert module.encode_captions(["a person dressed in red"]).dtype == torch.float32
+
+
+def test_tir_noise_depends_on_seed_epoch_and_batch_only_and_splits_the_global_batch():
+    """Each rank draws the global batch's noise from (seed, epoch, batch) and keeps its rows,
+    so W processes see the noise of one process."""
+    module = _module()
+    noises = {
+        world: torch.cat([module.tir_noise(8 // world, 2, 3, world_size=world, rank=r) for r in range(world)])
+        for world in (1, 2, 4)
+    }
+    assert noises[1].shape == (8, module.network.embeddings.num_patches)
+    assert torch.equal(noises[1], noises[2]) and torch.equal(noises[1], noises[4])
+    assert torch.equal(noises[1], module.tir_noise(8, 2, 3))  # a pure function of its arguments
+    assert not torch.equal(module.tir_noise(8, 2, 4), noises[1])
+    assert not torch.equal(module.tir_noise(8, 3, 3), noises[1])
+    assert not torch.equal(_module(seed=1).tir_noise(8, 2, 3), noises[1])

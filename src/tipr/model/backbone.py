@@ -14,8 +14,8 @@ code) from one of three sources:
 
 Person images are not square (384 x 128 in the paper). ``set_image_size``
 resizes the pretrained position table once, at construction, from CLIP's
-square grid (14 x 14 for ViT-B/16 at 224) to the new grid (24 x 8), bicubic,
-keeping the CLS position, and swaps in :class:`GridVisionEmbeddings`, which
+square grid (14 x 14 for ViT-B/16 at 224) to the new grid (24 x 8), bilinear
+as the reference code (bicubic on request), keeping the CLS position, and swaps in :class:`GridVisionEmbeddings`, which
 adds that table as is: no interpolation ever runs in a training step.
 """
 
@@ -132,15 +132,27 @@ def eot_token_id(config) -> int:
     return CLIP_EOT_TOKEN_ID if eos in (None, 2) else int(eos)
 
 
+#: How a pretrained position table may be resized: the reference code's bilinear, or bicubic.
+POSITION_INTERPOLATIONS = ("bilinear", "bicubic")
+
+
 def resize_position_embedding(
-    table: torch.Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int] | None = None
+    table: torch.Tensor,
+    new_grid: tuple[int, int],
+    old_grid: tuple[int, int] | None = None,
+    interpolation: str = "bilinear",
 ) -> torch.Tensor:
     """Resize a ViT position table ``(1 + h*w, D)`` to ``(1 + H*W, D)``, CLS row kept.
 
     The patch rows are laid out as an ``old_grid`` (square when not given) and
-    resampled to ``new_grid`` with bicubic interpolation (``align_corners=False``,
-    no anti-aliasing, as ``F.interpolate`` does by default). Same grid: returned unchanged.
+    resampled to ``new_grid`` with ``interpolation`` (``"bilinear"``, the reference
+    code's, or ``"bicubic"``; ``align_corners=False``, no anti-aliasing, as
+    ``F.interpolate`` does by default). Same grid: returned unchanged.
     """
+    if interpolation not in POSITION_INTERPOLATIONS:
+        raise ValueError(
+            f"position_interpolation must be one of {POSITION_INTERPOLATIONS}, got {interpolation!r}"
+        )
     from timm.layers import resample_abs_pos_embed
 
     num_patches = table.shape[0] - 1
@@ -155,7 +167,7 @@ def resize_position_embedding(
         return table
     resized = resample_abs_pos_embed(
         table[None], new_size=list(new_grid), old_size=list(old_grid), num_prefix_tokens=1,
-        interpolation="bicubic", antialias=False,
+        interpolation=interpolation, antialias=False,
     )
     return resized[0]
 
@@ -207,8 +219,10 @@ class GridVisionEmbeddings(nn.Module):
         return torch.cat([cls, patches], dim=1) + self.position_embedding.weight.to(patches.dtype)
 
 
-def set_image_size(model, image_size: tuple[int, int]) -> GridVisionEmbeddings:
+def set_image_size(model, image_size: tuple[int, int], interpolation: str = "bilinear") -> GridVisionEmbeddings:
     """Fit ``model``'s vision embeddings to ``image_size`` (H, W) once; returns the new module.
+
+    ``interpolation`` resizes the position table (see :func:`resize_position_embedding`).
 
     Raises if H or W is not a multiple of the patch size.
     """
@@ -222,7 +236,7 @@ def set_image_size(model, image_size: tuple[int, int]) -> GridVisionEmbeddings:
         old_grid = embeddings.grid_size
     else:
         old_grid = None  # CLIP's square grid
-    table = resize_position_embedding(embeddings.position_embedding.weight.detach(), grid, old_grid)
+    table = resize_position_embedding(embeddings.position_embedding.weight.detach(), grid, old_grid, interpolation)
     new = GridVisionEmbeddings(embeddings.class_embedding, embeddings.patch_embedding, table, (height, width))
     model.vision_model.embeddings = new
     return new

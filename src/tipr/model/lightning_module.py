@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -30,6 +30,14 @@ from tipr.model.network import SENNetwork
 #: Modules trained at ``lr * lr_factor`` in the reference: the ID classifier and
 #: the TIR cross-attention and transformer (prefixes of ``SENNetwork`` parameter names).
 REFERENCE_BOOSTED_MODULES = ("classifier", "restoration.cross_attn", "restoration.transformer")
+#: Boosted modules whose biases also take ``lr * lr_factor`` (no weight decay) in the reference:
+#: its classifier rule runs after its bias rule, the cross-modal rule before it.
+REFERENCE_BOOSTED_BIAS_MODULES = ("classifier",)
+
+
+def noise_seed(seed: int, epoch: int, batch_idx: int) -> int:
+    """The seed of the TIR masking noise of one training batch: a function of (seed, epoch, batch) only."""
+    return (int(seed) * 1_000_003 + int(epoch)) * 1_000_033 + int(batch_idx) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def warmup_cosine_factor(step: int, total_steps: int, warmup_steps: float, warmup_factor: float) -> float:
@@ -65,17 +73,38 @@ class TIPRModule(pl.LightningModule):
         mask_ratio: share of patches hidden in TIR (reference 0.7).
         tir_depth: transformer blocks of the TIR decoder. tir_residual: add the
             cross-attention output to the decoder tokens (reference: replace).
-        tir_text_padding_mask: TIR ignores caption padding (reference attends to it).
+        tir_text_padding_mask: TIR ignores the caption positions after the
+            end-of-text token. A departure from the reference, which attends to
+            all of them (off in ``experiments/sen_*.yaml``).
+        position_interpolation: resizing of the pretrained position table to the
+            image grid: ``"bilinear"`` (the reference) or ``"bicubic"`` (a departure).
+        reference_fp16_weights: the reference's precision: linear, convolution and
+            attention weights in fp16 (norms and embeddings fp32), hence fp16 Adam
+            state, run under fp16 autocast without loss scaling. Needs
+            ``trainer.precision=32-true`` (the module runs its own autocast). Off
+            (tipr's default, with ``bf16-mixed``): fp32 weights and optimiser state.
         lr: base learning rate (CLIP weights). lr_factor: multiplier for
             ``boosted_modules``. bias_lr_factor: multiplier for every bias, which
             also gets no weight decay. weight_decay: for everything else.
         boosted_modules: ``SENNetwork`` parameter-name prefixes trained at
             ``lr * lr_factor`` (reference: ID classifier, TIR cross-attention, TIR transformer).
+        boosted_bias_modules: prefixes whose biases take ``lr * lr_factor`` (no
+            weight decay) instead of ``lr * bias_lr_factor``. Reference:
+            ``["classifier"]`` (its classifier rule runs after its bias rule);
+            ``[]`` gives every bias the bias rate, a departure.
         adam_eps: Adam epsilon (reference 1e-3; betas 0.9, 0.999).
         warmup_epochs, warmup_factor: linear warm-up length and start factor; the
             cosine decay ends at ``trainer.max_epochs`` (or ``max_steps``).
         gradient_checkpointing: recompute encoder activations in backward (saves memory).
         image_to_text: also compute image-to-text retrieval metrics (``i2t_*``).
+        seed: seed of the TIR masking noise; batch ``i`` of epoch ``e`` draws its
+            noise from ``(seed, e, i)`` for the whole global batch (each rank takes
+            its rows), so runs are reproducible, resumable and independent of the
+            number of processes.
+
+    Under DDP the data module's batch is the global batch, split across ranks;
+    the network computes the batch-level losses over all ranks' features (see
+    :mod:`tipr.model.distributed`), so ``N`` processes train the recipe of one.
     """
 
     def __init__(
@@ -94,17 +123,21 @@ class TIPRModule(pl.LightningModule):
         mask_ratio: float = 0.7,
         tir_depth: int = 4,
         tir_residual: bool = False,
-        tir_text_padding_mask: bool = True,
+        tir_text_padding_mask: bool = False,
+        position_interpolation: Literal["bilinear", "bicubic"] = "bilinear",
+        reference_fp16_weights: bool = False,
         lr: float = 1e-5,
         lr_factor: float = 5.0,
         bias_lr_factor: float = 2.0,
         weight_decay: float = 4e-5,
         boosted_modules: Sequence[str] = REFERENCE_BOOSTED_MODULES,
+        boosted_bias_modules: Sequence[str] = REFERENCE_BOOSTED_BIAS_MODULES,
         adam_eps: float = 1e-3,
         warmup_epochs: float = 5.0,
         warmup_factor: float = 0.1,
         gradient_checkpointing: bool = False,
         image_to_text: bool = False,
+        seed: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -124,6 +157,8 @@ class TIPRModule(pl.LightningModule):
             tir_depth=tir_depth,
             tir_residual=tir_residual,
             tir_text_padding_mask=tir_text_padding_mask,
+            position_interpolation=position_interpolation,
+            reference_fp16_weights=reference_fp16_weights,
         )
         if gradient_checkpointing:
             clip = self.network.clip
@@ -133,11 +168,17 @@ class TIPRModule(pl.LightningModule):
             else:  # transformers < 5
                 clip.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.boosted_modules = self._check_boosted(boosted_modules)
+        self.boosted_bias_modules = self._check_boosted(boosted_bias_modules)
+        self._noise_generator: torch.Generator | None = None
         # "skip": a partial evaluation (limit_val_batches) leaves out queries whose person is not
         # in the gallery part seen, with a warning; a full evaluation has none.
         self.val_ranks = RetrievalRanks(image_to_text=image_to_text, empty_target_action="skip")
         self.test_ranks = RetrievalRanks(image_to_text=image_to_text, empty_target_action="skip")
         self._tokenizer = None
+
+    @staticmethod
+    def _matches(name: str, prefixes: Sequence[str]) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in prefixes)
 
     def _check_boosted(self, prefixes: Sequence[str]) -> tuple[str, ...]:
         if isinstance(prefixes, str):
@@ -157,30 +198,64 @@ class TIPRModule(pl.LightningModule):
         return tuple(prefixes)
 
     # ------------------------------------------------------------ training
+    def on_fit_start(self) -> None:
+        precision = str(self.trainer.precision)
+        if self.hparams.reference_fp16_weights and precision not in ("32-true", "32"):
+            raise ValueError(
+                f"model.reference_fp16_weights=true runs its own fp16 autocast over fp16 weights; "
+                f"expected trainer.precision=32-true, got {precision!r}"
+            )
+
+    def tir_noise(
+        self, batch_size: int, epoch: int, batch_idx: int, world_size: int = 1, rank: int = 0
+    ) -> torch.Tensor | None:
+        """Rank ``rank``'s rows ``(batch_size, N)`` of the global batch's TIR masking noise (None without TIR).
+
+        The noise of the whole global batch (``world_size * batch_size`` rows) is drawn
+        from :func:`noise_seed` ``(seed, epoch, batch_idx)``, so it does not depend on
+        the number of processes.
+        """
+        if self.network.restoration is None:
+            return None
+        if self._noise_generator is None or self._noise_generator.device != self.device:
+            self._noise_generator = torch.Generator(device=self.device)
+        self._noise_generator.manual_seed(noise_seed(self.hparams.seed, epoch, batch_idx))
+        num_patches = self.network.embeddings.num_patches
+        noise = torch.rand(world_size * batch_size, num_patches, generator=self._noise_generator, device=self.device)
+        return noise[rank * batch_size : (rank + 1) * batch_size]  # (B / W, N)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        losses = self.network(batch["images"], batch["token_ids"], batch["pids"])
         batch_size = batch["images"].shape[0]
-        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=batch_size)
-        self.log_dict(
-            {f"train/{name}_loss": value.detach() for name, value in losses.items() if name != "loss"},
-            batch_size=batch_size,
-        )
+        trainer = self.trainer
+        noise = self.tir_noise(batch_size, self.current_epoch, batch_idx, trainer.world_size, trainer.global_rank)
+        losses = self.network(batch["images"], batch["token_ids"], batch["pids"], noise=noise)
+        # Logged: the global batch's losses. The batch-level terms are equal on every rank;
+        # the per-sample ones are rank means, averaged here in one collective (no host sync).
+        names = list(losses)
+        values = torch.stack([losses[name].detach().float() for name in names])
+        if self.trainer.world_size > 1:
+            values = self.trainer.strategy.reduce(values, reduce_op="mean")
+        logged = dict(zip(names, values))
+        self.log("train/loss", logged.pop("loss"), prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"train/{name}_loss": value for name, value in logged.items()}, batch_size=batch_size)
         return losses["loss"]
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Adam groups: base (lr, wd), boosted (lr * lr_factor, wd), bias (lr * bias_lr_factor, no wd)."""
+        """Adam groups: base (lr, wd), boosted (lr * lr_factor, wd), bias (lr * bias_lr_factor, no wd),
+        boosted_bias (lr * lr_factor, no wd: the biases of ``boosted_bias_modules``)."""
         hp = self.hparams
         groups: dict[str, dict[str, Any]] = {
             "base": {"params": [], "lr": hp.lr, "weight_decay": hp.weight_decay},
             "boosted": {"params": [], "lr": hp.lr * hp.lr_factor, "weight_decay": hp.weight_decay},
             "bias": {"params": [], "lr": hp.lr * hp.bias_lr_factor, "weight_decay": 0.0},
+            "boosted_bias": {"params": [], "lr": hp.lr * hp.lr_factor, "weight_decay": 0.0},
         }
         for name, param in self.network.named_parameters():
             if not param.requires_grad:
                 continue
             if name.endswith("bias"):
-                key = "bias"
-            elif any(name == p or name.startswith(p + ".") for p in self.boosted_modules):
+                key = "boosted_bias" if self._matches(name, self.boosted_bias_modules) else "bias"
+            elif self._matches(name, self.boosted_modules):
                 key = "boosted"
             else:
                 key = "base"
