@@ -8,14 +8,16 @@ training losses.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tipr.model.backbone import build_clip, eot_token_id, set_image_size
+from tipr.model.distributed import all_gather_no_grad, all_gather_with_grad
 from tipr.model.losses import (
     hardest_negative_triplet_loss,
     identity_classifier,
@@ -55,6 +57,19 @@ class SENNetwork(nn.Module):
         mask_ratio: share of patches hidden from the encoder in TIR, in (0, 1).
         tir_depth, tir_heads, tir_residual, tir_text_padding_mask: see
             :class:`tipr.model.restoration.TextGuidedRestoration`.
+        position_interpolation: how the pretrained square position table is
+            resized to the ``image_size`` grid: ``"bilinear"`` (the reference code)
+            or ``"bicubic"`` (a departure from the reference).
+        reference_fp16_weights: store the weights of every linear, convolution and
+            attention projection in fp16 (layer norms, embeddings and the TIR mask
+            token stay fp32) and run under fp16 autocast, as the reference's
+            ``convert_weights``; the optimiser's state is then fp16 too. Off: fp32
+            weights (use a mixed precision such as bf16-mixed for speed).
+
+    Under ``torch.distributed`` with ``W`` processes, :meth:`forward` computes the
+    batch-level losses (SDM, triplet, ITC) over the features of all ranks
+    (:mod:`tipr.model.distributed`), so ``W`` processes with ``B / W`` samples
+    each train the same loss as one process with ``B``.
     """
 
     def __init__(
@@ -70,7 +85,9 @@ class SENNetwork(nn.Module):
         tir_depth: int = 4,
         tir_heads: int | None = None,
         tir_residual: bool = False,
-        tir_text_padding_mask: bool = True,
+        tir_text_padding_mask: bool = False,
+        position_interpolation: Literal["bilinear", "bicubic"] = "bilinear",
+        reference_fp16_weights: bool = False,
     ):
         super().__init__()
         weights = dict(REFERENCE_LOSS_WEIGHTS if loss_weights is None else loss_weights)
@@ -92,7 +109,7 @@ class SENNetwork(nn.Module):
         context = self.clip.config.text_config.max_position_embeddings
         if not 1 < self.text_length <= context:
             raise ValueError(f"text_length must be in 2..{context} (the text encoder's context), got {text_length}")
-        set_image_size(self.clip, self.image_size)
+        set_image_size(self.clip, self.image_size, interpolation=position_interpolation)
         self.eot_token_id = eot_token_id(self.clip.config)
         self.vocab_size = self.clip.config.text_config.vocab_size
         self.embed_dim = self.clip.config.projection_dim
@@ -117,7 +134,16 @@ class SENNetwork(nn.Module):
                 text_padding_mask=tir_text_padding_mask,
             )
         self.mask_ratio = mask_ratio
+        self.reference_fp16_weights = bool(reference_fp16_weights)
+        if self.reference_fp16_weights:
+            cast_to_reference_fp16(self)
         self.train()  # from_pretrained returns the backbone in eval mode
+
+    def precision_context(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """fp16 autocast with ``reference_fp16_weights`` (the fp16 weights meet fp32 norms), else nothing."""
+        if self.reference_fp16_weights:
+            return torch.autocast(device.type, dtype=torch.float16)
+        return contextlib.nullcontext()
 
     @property
     def embeddings(self):
@@ -172,12 +198,14 @@ class SENNetwork(nn.Module):
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Global image features ``(B, D)``: the CLS output after post-norm and projection."""
-        return self.image_tokens(images)[:, 0]
+        with self.precision_context(images.device):
+            return self.image_tokens(images)[:, 0]
 
     def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Global text features ``(B, D)``: the first end-of-text output after final norm and projection."""
-        tokens, eot = self.text_tokens(token_ids)
-        return tokens[torch.arange(tokens.shape[0], device=tokens.device), eot]
+        with self.precision_context(token_ids.device):
+            tokens, eot = self.text_tokens(token_ids)
+            return tokens[torch.arange(tokens.shape[0], device=tokens.device), eot]
 
     # -------------------------------------------------------------------- TIR
     def restore(
@@ -227,9 +255,18 @@ class SENNetwork(nn.Module):
             pids: ``(B,)`` identity labels ``0 .. num_classes - 1``.
             noise: ``(B, N)`` TIR masking noise (see :meth:`restore`); fresh when None.
 
+        Under ``torch.distributed`` the batch-level losses (``sdm``, ``tri``, ``itc``)
+        are computed over the gathered global batch (equal on every rank) and the
+        per-sample ones (``id``, ``tir``) are this rank's means; DDP's gradient
+        average then gives the one-process gradient of the global batch.
+
         Returns:
             ``{"loss": weighted sum, "<name>": unweighted loss for each loss with weight > 0}``.
         """
+        with self.precision_context(images.device):
+            return self._losses(images, token_ids, pids, noise)
+
+    def _losses(self, images, token_ids, pids, noise) -> dict[str, torch.Tensor]:
         if pids.shape != (images.shape[0],) or token_ids.shape[0] != images.shape[0]:
             raise ValueError(
                 f"batch sizes differ: images {tuple(images.shape)}, token_ids {tuple(token_ids.shape)}, "
@@ -248,14 +285,17 @@ class SENNetwork(nn.Module):
         text_features = text_tokens[torch.arange(text_tokens.shape[0], device=eot.device), eot].float()  # (B, D)
 
         losses: dict[str, torch.Tensor] = {}
+        if w["sdm"] > 0 or w["tri"] > 0 or w["itc"] > 0:  # batch-level: over every rank's samples
+            all_images, all_texts = all_gather_with_grad(image_features), all_gather_with_grad(text_features)
+            all_pids = all_gather_no_grad(pids)
         if w["sdm"] > 0:
-            losses["sdm"] = sdm_loss(image_features, text_features, pids, self.temperature)
+            losses["sdm"] = sdm_loss(all_images, all_texts, all_pids, self.temperature)
         if w["id"] > 0:
             losses["id"] = identity_loss(self.classifier(image_features), self.classifier(text_features), pids)
         if w["tri"] > 0:
-            losses["tri"] = hardest_negative_triplet_loss(image_features, text_features, pids, self.margin)
+            losses["tri"] = hardest_negative_triplet_loss(all_images, all_texts, all_pids, self.margin)
         if w["itc"] > 0:
-            losses["itc"] = itc_loss(image_features, text_features, self.temperature)
+            losses["itc"] = itc_loss(all_images, all_texts, self.temperature)
         if w["tir"] > 0:
             restored = self.restore(images, text_tokens, eot, noise)
             losses["tir"] = masked_patch_mse(restored["prediction"], restored["target"], restored["mask"])
@@ -265,3 +305,17 @@ class SENNetwork(nn.Module):
     def similarity(self, text_features: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
         """Cosine similarity ``(Nq, Ng)`` of text queries against gallery images."""
         return F.normalize(text_features.float(), dim=-1) @ F.normalize(image_features.float(), dim=-1).t()
+
+
+def cast_to_reference_fp16(module: nn.Module) -> None:
+    """The reference's (OpenAI CLIP's) ``convert_weights``, in place: linear, convolution and
+    attention-projection weights and biases to fp16; layer norms, embeddings and loose
+    parameters (CLS embedding, TIR mask token) stay fp32."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            m.half()
+        elif isinstance(m, nn.MultiheadAttention):
+            for name in ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                param = getattr(m, name, None)
+                if param is not None:
+                    param.data = param.data.half()
