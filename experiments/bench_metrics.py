@@ -29,6 +29,7 @@ counts as input, not as peak).
 
     python experiments/bench_metrics.py [--mode features|similarity] [--features clustered|random]
                                         [--threads N] [--repeats R] [--methods irra argsort tipr]
+    python experiments/bench_metrics.py --methods tipr --device cuda     # on a GPU: peak is GPU memory
 """
 
 from __future__ import annotations
@@ -116,6 +117,15 @@ def worker(args: argparse.Namespace) -> None:
     if args.mode == "similarity":
         similarity = F.normalize(queries, dim=1) @ F.normalize(gallery, dim=1).t()
         del queries, gallery
+    device = torch.device(args.device)
+    if device.type != "cpu":
+        if args.worker != "tipr" or args.mode != "features":
+            raise SystemExit("--device other than cpu times tipr from features only (--methods tipr --mode features)")
+        queries, gallery = queries.to(device), gallery.to(device)
+        query_pids, gallery_pids = query_pids.to(device), gallery_pids.to(device)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before_gpu = torch.cuda.memory_allocated(device)
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")  # reset the resident-set high-water mark to the current resident set
     before = _memory_kib("VmRSS")
@@ -135,19 +145,22 @@ def worker(args: argparse.Namespace) -> None:
         )
     else:
         result = retrieval_ranks(similarity, query_pids, gallery_pids)
+    result = {name: float(result[name]) for name in METRICS}  # on the host: waits for the device
     seconds = time.perf_counter() - start
-    peak = _memory_kib("VmHWM")
+    peak_mib = (_memory_kib("VmHWM") - before) / 1024
+    if device.type != "cpu":
+        peak_mib = (torch.cuda.max_memory_allocated(device) - before_gpu) / 2**20
     print(json.dumps({
         "seconds": seconds,
-        "peak_mib": (peak - before) / 1024,
+        "peak_mib": peak_mib,
         "matmul_seconds": matmul_seconds,
-        "metrics": {name: float(result[name]) for name in METRICS},
+        "metrics": result,
     }))
 
 
 def run(method: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--worker", method]
-    for name in ("mode", "features", "threads", "queries", "gallery", "identities", "dim", "noise"):
+    for name in ("mode", "features", "threads", "queries", "gallery", "identities", "dim", "noise", "device"):
         command += [f"--{name}", str(getattr(args, name))]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
@@ -164,6 +177,7 @@ def main() -> None:
     parser.add_argument("--identities", type=int, default=1_000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--noise", type=float, default=2.9, help="noise / centre scale of clustered features")
+    parser.add_argument("--device", default="cpu", help="where tipr's metric runs (cuda: --methods tipr only)")
     parser.add_argument("--methods", nargs="+", choices=("irra", "argsort", "tipr"), default=["irra", "argsort", "tipr"])
     parser.add_argument("--worker", choices=("irra", "argsort", "tipr"), help=argparse.SUPPRESS)
     args = parser.parse_args()

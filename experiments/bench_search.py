@@ -21,6 +21,7 @@ or a trained checkpoint (``--ckpt``).
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -36,13 +37,18 @@ from tipr.search import build_index, search
 CONFIG = Path(__file__).with_name("synthetic.yaml")
 
 
-def load_model(ckpt: str | None) -> TIPRModule:
+def load_model(ckpt: str | None, backbone: str | None = None, image_size: list[int] | None = None) -> TIPRModule:
+    """A trained checkpoint, or random weights: the synthetic job's backbone, or ``backbone`` (JSON config dict)."""
     if ckpt:
         return TIPRModule.load_from_checkpoint(ckpt, map_location="cpu")
     config = yaml.safe_load(CONFIG.read_text())
     torch.manual_seed(0)
-    return TIPRModule(num_classes=1, backbone=config["model"]["backbone"], image_size=tuple(config["data"]["image_size"]),
-                      text_length=config["data"]["text_length"])
+    return TIPRModule(
+        num_classes=1,
+        backbone=json.loads(backbone) if backbone else config["model"]["backbone"],
+        image_size=tuple(image_size or config["data"]["image_size"]),
+        text_length=config["data"]["text_length"],
+    )
 
 
 def write_images(folder: Path, count: int, image_size: tuple[int, int]) -> None:
@@ -70,6 +76,8 @@ def timed(fn, device: torch.device) -> tuple[float, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", help="a trained tipr checkpoint (default: the synthetic job's model, random weights)")
+    parser.add_argument("--backbone", help="without --ckpt: a JSON dict of CLIPConfig arguments (random weights of that shape)")
+    parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="without --ckpt: the model's input size")
     parser.add_argument("--images", type=int, default=10_000)
     parser.add_argument("--folder", help="keep the images here (default: a temporary folder, deleted at the end)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -80,7 +88,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    module = load_model(args.ckpt).eval().to(device)
+    module = load_model(args.ckpt, args.backbone, args.image_size).eval().to(device)
     image_size = tuple(int(s) for s in module.hparams.image_size)
     rng = np.random.default_rng(2)
     queries = [describe(sample_person(rng), rng) for _ in range(args.queries)]

@@ -22,6 +22,7 @@ import time
 
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import LearningRateMonitor
 
 
 class ThroughputProbe(Callback):
@@ -67,6 +68,8 @@ def main() -> None:
     cli = TIPRCLI(TIPRModule, TIPRDataModule, auto_configure_optimizers=False, run=False,
                   save_config_callback=None, args=[*config_args, *cli_args, *overrides])
     probe = ThroughputProbe(args.warmup)
+    # No logger here, so nothing for a config's LearningRateMonitor to write to.
+    cli.trainer.callbacks[:] = [c for c in cli.trainer.callbacks if not isinstance(c, LearningRateMonitor)]
     cli.trainer.callbacks.append(probe)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

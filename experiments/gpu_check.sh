@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU check, one call on one CUDA GPU, about 5 to 8 minutes in all:
+#   1. training samples/s and peak GPU memory of SEN with ViT-B/16-shaped random weights at
+#      384x128, global batch 128, bf16-mixed, all SEN losses (SDM, ID, triplet, TIR), on the
+#      synthetic benchmark written at 384x128 (the recipe of experiments/sen_cuhk_pedes.yaml);
+#   2. the same with the reference's precision (fp16 weights, --model.reference_fp16_weights);
+#   3. evaluation time at ICFG-PEDES test size (19,848 x 19,848, 512-d) on the GPU;
+#   4. indexing images/s and query latency of `tipr index` / `tipr search` with that model.
+#
+#   bash experiments/gpu_check.sh            # scratch files in a temporary folder, deleted at the end
+#   TIPR_GPU_CHECK_DIR=/scratch bash experiments/gpu_check.sh   # keep (and reuse) the synthetic data there
+#
+# Needs the project installed (pip install -e .). Nothing is downloaded.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python - <<'PY'
+import torch
+if not torch.cuda.is_available():
+    raise SystemExit("gpu_check.sh needs a CUDA GPU (torch.cuda.is_available() is False)")
+p = torch.cuda.get_device_properties(0)
+print(f"GPU: {p.name}, {p.total_memory / 2**30:.0f} GiB; torch {torch.__version__}")
+PY
+
+work=${TIPR_GPU_CHECK_DIR:-}
+if [ -z "$work" ]; then
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+fi
+workers=$(( $(nproc) > 8 ? 8 : $(nproc) ))
+
+# OpenAI CLIP ViT-B/16's shapes, random weights: nothing to download.
+vitb16='{"vision_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+  "num_attention_heads": 12, "patch_size": 16, "image_size": 224, "hidden_act": "quick_gelu"},
+  "text_config": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
+  "num_attention_heads": 8, "max_position_embeddings": 77, "hidden_act": "quick_gelu"},
+  "projection_dim": 512}'
+train=(--config experiments/sen_cuhk_pedes.yaml --model.backbone "$vitb16" --trainer.devices 1
+       --data.dataset synthetic --data.root "$work/data" --data.synthetic_image_size "[384, 128]"
+       --data.num_workers "$workers" --steps 30 --warmup 5)
+
+echo "== 1. training, bf16-mixed (tipr's default)"
+python experiments/bench_training.py "${train[@]}" --trainer.precision bf16-mixed
+
+echo "== 2. training, the reference's fp16 weights"
+python experiments/bench_training.py "${train[@]}" --trainer.precision 32-true --model.reference_fp16_weights true
+
+echo "== 3. evaluation at ICFG-PEDES test size"
+python experiments/bench_metrics.py --methods tipr --device cuda --repeats 2
+
+echo "== 4. indexing and search"
+python experiments/bench_search.py --backbone "$vitb16" --image-size 384 128 --images 4000 --device cuda \
+  --workers "$workers" --batch-size 256 --folder "$work/search-images"
