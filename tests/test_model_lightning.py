@@ -263,3 +263,43 @@ def test_tir_noise_depends_on_seed_epoch_and_batch_only_and_splits_the_global_ba
     assert not torch.equal(module.tir_noise(8, 2, 4), noises[1])
     assert not torch.equal(module.tir_noise(8, 3, 3), noises[1])
     assert not torch.equal(_module(seed=1).tir_noise(8, 2, 3), noises[1])
+
+
+class PoisonedPairs(ToyPairs):
+    """ToyPairs whose samples from ``poison_from`` on have NaN pixels."""
+
+    def __init__(self, n, poison_from):
+        super().__init__(n)
+        self.images[poison_from:] = float("nan")
+
+
+def test_a_non_finite_loss_stops_the_run_naming_step_terms_and_last_good_checkpoint(tmp_path):
+    """Batches of 4, NaN pixels from batch 3 (step 3) on, checks every 2 steps: the run stops at the
+    check after step 3 and names it; last.ckpt stays the one written after step 2, with finite weights."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tipr.model.nonfinite import NonFiniteLossError
+
+    class Poisoned(ToyData):
+        def train_dataloader(self):
+            return DataLoader(PoisonedPairs(24, poison_from=12), batch_size=4, shuffle=False)
+
+    module = _module(nonfinite_check_interval=2)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1, save_top_k=0)
+    trainer = _trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[checkpoints], enable_checkpointing=True)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite sdm, id, tri, tir, loss, grad_norm at step 3") as error:
+        trainer.fit(module, datamodule=Poisoned())
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert str(last) in str(error.value)
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 3  # after steps 0, 1, 2: nothing written once step 3 went bad
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
+    assert trainer.global_step == 4  # stopped at the first check after the bad step
+
+
+def test_a_non_finite_gradient_alone_is_named(tmp_path):
+    module = _module(nonfinite_check_interval=1)
+    module.nonfinite.update(torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0]), step=0)
+    module.nonfinite.update(torch.tensor([float("inf")]), step=5, offset=5)
+    module.nonfinite.update(torch.tensor([float("nan")] * 5), step=6)  # later: the first bad step is kept
+    assert module.nonfinite.tripped_at == (5, ["grad_norm"])

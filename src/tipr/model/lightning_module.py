@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from tipr.model.backbone import BACKBONE_PRESETS
-from tipr.model.network import SENNetwork
+from tipr.model.network import LOSS_NAMES, SENNetwork
+from tipr.model.nonfinite import NonFiniteWatch
 
 #: Modules trained at ``lr * lr_factor`` in the reference: the ID classifier and
 #: the TIR cross-attention and transformer (prefixes of ``SENNetwork`` parameter names).
@@ -97,6 +98,10 @@ class TIPRModule(pl.LightningModule):
             cosine decay ends at ``trainer.max_epochs`` (or ``max_steps``).
         gradient_checkpointing: recompute encoder activations in backward (saves memory).
         image_to_text: also compute image-to-text retrieval metrics (``i2t_*``).
+        nonfinite_check_interval: every this many steps (and before writing any
+            checkpoint) the run checks, in one host sync, whether a loss term or
+            the gradient norm was NaN or infinite since the last check, and stops
+            with an error naming the step, the terms and the last checkpoint.
         seed: seed of the TIR masking noise; batch ``i`` of epoch ``e`` draws its
             noise from ``(seed, e, i)`` for the whole global batch (each rank takes
             its rows), so runs are reproducible, resumable and independent of the
@@ -137,6 +142,7 @@ class TIPRModule(pl.LightningModule):
         warmup_factor: float = 0.1,
         gradient_checkpointing: bool = False,
         image_to_text: bool = False,
+        nonfinite_check_interval: int = 10,
         seed: int = 0,
     ):
         super().__init__()
@@ -170,6 +176,10 @@ class TIPRModule(pl.LightningModule):
         self.boosted_modules = self._check_boosted(boosted_modules)
         self.boosted_bias_modules = self._check_boosted(boosted_bias_modules)
         self._noise_generator: torch.Generator | None = None
+        if nonfinite_check_interval < 1:
+            raise ValueError(f"nonfinite_check_interval must be >= 1 step, got {nonfinite_check_interval}")
+        active = [name for name in LOSS_NAMES if self.network.loss_weights[name] > 0]
+        self.nonfinite = NonFiniteWatch([*active, "loss", "grad_norm"])
         # "skip": a partial evaluation (limit_val_batches) leaves out queries whose person is not
         # in the gallery part seen, with a warning; a full evaluation has none.
         self.val_ranks = RetrievalRanks(image_to_text=image_to_text, empty_target_action="skip")
@@ -231,14 +241,37 @@ class TIPRModule(pl.LightningModule):
         losses = self.network(batch["images"], batch["token_ids"], batch["pids"], noise=noise)
         # Logged: the global batch's losses. The batch-level terms are equal on every rank;
         # the per-sample ones are rank means, averaged here in one collective (no host sync).
-        names = list(losses)
+        names = self.nonfinite.names[:-1]  # the loss terms and the total
         values = torch.stack([losses[name].detach().float() for name in names])
         if self.trainer.world_size > 1:
             values = self.trainer.strategy.reduce(values, reduce_op="mean")
+        self.nonfinite.update(values, self.global_step)  # a NaN on any rank reaches every rank's mean
         logged = dict(zip(names, values))
         self.log("train/loss", logged.pop("loss"), prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/{name}_loss": value for name, value in logged.items()}, batch_size=batch_size)
         return losses["loss"]
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if str(self.trainer.precision) == "16-mixed":
+            return  # the grad scaler skips non-finite steps by design; the loss terms are still watched
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6: one fused pass
+            if total_norm is not None:
+                norm = total_norm(grads).float()
+            else:
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            self.nonfinite.update(norm[None], self.global_step, offset=len(self.nonfinite.names) - 1)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.global_step % self.hparams.nonfinite_check_interval == 0:
+            self.nonfinite.raise_if_tripped(self._last_checkpoint())
+
+    def _last_checkpoint(self) -> str | None:
+        callback = self.trainer.checkpoint_callback
+        if callback is None:
+            return None
+        return callback.last_model_path or callback.best_model_path or None
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Adam groups: base (lr, wd), boosted (lr * lr_factor, wd), bias (lr * bias_lr_factor, no wd),
@@ -322,6 +355,8 @@ class TIPRModule(pl.LightningModule):
 
     # ---------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Never write weights that a non-finite step may have touched.
+        self.nonfinite.raise_if_tripped(self._last_checkpoint())
         # Store the backbone as its config: rebuilding never downloads or needs the original weights.
         hparams = checkpoint.get("hyper_parameters")
         if hparams is not None:
