@@ -3,7 +3,9 @@
 import argparse
 import math
 import re
+import types
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,8 +18,11 @@ from tipr.convert import (
     convert_openai_clip_state_dict,
     load_reference_checkpoint,
     read_state_dict,
+    save_tipr_checkpoint,
 )
 from tipr.model import SENNetwork, TIPRModule, build_clip, resize_position_embedding
+from tipr.model.backbone import eot_token_id
+from tipr.model.restoration import num_visible_patches
 
 IMAGE_SIZE = (32, 16)  # patch 8: a 4 x 2 grid
 CONTEXT = 16
@@ -66,7 +71,10 @@ def to_openai(clip) -> dict[str, torch.Tensor]:
         "text_projection": hf["text_projection.weight"].t().contiguous(),
         "logit_scale": hf["logit_scale"],
     }
-    towers = (("visual.transformer", "vision_model.encoder", 2), ("transformer", "text_model.encoder", 3))
+    towers = (
+        ("visual.transformer", "vision_model.encoder", clip.config.vision_config.num_hidden_layers),
+        ("transformer", "text_model.encoder", clip.config.text_config.num_hidden_layers),
+    )
     for ours, theirs, layers in towers:
         for i in range(layers):
             a, b = f"{ours}.resblocks.{i}.", f"{theirs}.layers.{i}."
@@ -80,46 +88,67 @@ def to_openai(clip) -> dict[str, torch.Tensor]:
     return openai
 
 
-def openai_forward(weights: dict[str, torch.Tensor], images: torch.Tensor, token_ids: torch.Tensor):
-    """OpenAI CLIP's forward on its own tensors: image features (B, E) and text features (B, E)."""
+def _ln(w, x, name):
+    return F.layer_norm(x, x.shape[-1:], w[f"{name}.weight"], w[f"{name}.bias"], eps=1e-5)
+
+
+def _linear(w, x, name):
+    return x @ w[f"{name}.weight"].t() + w[f"{name}.bias"]
+
+
+def _attention(q, k, v, heads):
+    """Scaled dot-product attention of (B, Nq, W) queries over (B, Nk, W) keys/values, ``heads`` heads."""
+    b, nq, width = q.shape
+    q, k, v = (t.reshape(b, t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, h, N, d)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    return scores, v, (b, nq, width)
+
+
+def openai_block(w, x, name, causal=False):
+    """An OpenAI CLIP ResidualAttentionBlock: width // 64 heads, QuickGELU, LayerNorm eps 1e-5."""
+    n = x.shape[1]
+    qkv = _ln(w, x, f"{name}.ln_1") @ w[f"{name}.attn.in_proj_weight"].t() + w[f"{name}.attn.in_proj_bias"]
+    scores, v, shape = _attention(*qkv.chunk(3, dim=-1), heads=x.shape[-1] // 64)
+    if causal:
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    attended = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(shape)
+    x = x + _linear(w, attended, f"{name}.attn.out_proj")
+    hidden = _linear(w, _ln(w, x, f"{name}.ln_2"), f"{name}.mlp.c_fc")
+    return x + _linear(w, hidden * torch.sigmoid(1.702 * hidden), f"{name}.mlp.c_proj")  # QuickGELU
+
+
+def _layers(w, prefix):
+    return sum(key.startswith(prefix) and key.endswith(".attn.in_proj_weight") for key in w)
+
+
+def openai_tokens(weights, images, token_ids, ids_keep=None):
+    """OpenAI CLIP (IRRA's ``base_model``) on its own tensors: image tokens (B, 1 + K, E) after
+    ``ln_post`` and ``proj`` (only the patches ``ids_keep``, CLS always, when given) and text tokens
+    (B, L, E) after ``ln_final`` and ``text_projection``."""
     w = {key: value.float() for key, value in weights.items()}
-
-    def ln(x, name):
-        return F.layer_norm(x, x.shape[-1:], w[f"{name}.weight"], w[f"{name}.bias"], eps=1e-5)
-
-    def linear(x, name):
-        return x @ w[f"{name}.weight"].t() + w[f"{name}.bias"]
-
-    def block(x, name, causal):
-        b, n, width = x.shape
-        heads = width // 64
-        qkv = ln(x, f"{name}.ln_1") @ w[f"{name}.attn.in_proj_weight"].t() + w[f"{name}.attn.in_proj_bias"]
-        q, k, v = (t.reshape(b, n, heads, -1).transpose(1, 2) for t in qkv.chunk(3, dim=-1))  # (B, h, N, d)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-        if causal:
-            scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
-        attended = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, width)
-        x = x + linear(attended, f"{name}.attn.out_proj")
-        hidden = linear(ln(x, f"{name}.ln_2"), f"{name}.mlp.c_fc")
-        return x + linear(hidden * torch.sigmoid(1.702 * hidden), f"{name}.mlp.c_proj")  # QuickGELU
-
-    def layers(prefix):
-        return sum(key.startswith(prefix) and key.endswith(".attn.in_proj_weight") for key in w)
-
     patch = w["visual.conv1.weight"].shape[-1]
     x = F.conv2d(images, w["visual.conv1.weight"], stride=patch).flatten(2).transpose(1, 2)  # (B, N, W)
     x = torch.cat([w["visual.class_embedding"].expand(x.shape[0], 1, -1), x], dim=1)
-    x = ln(x + w["visual.positional_embedding"], "visual.ln_pre")
-    for i in range(layers("visual.transformer.resblocks.")):
-        x = block(x, f"visual.transformer.resblocks.{i}", causal=False)
-    image = ln(x[:, 0], "visual.ln_post") @ w["visual.proj"]
+    x = x + w["visual.positional_embedding"]
+    if ids_keep is not None:
+        kept = torch.gather(x[:, 1:], 1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))
+        x = torch.cat([x[:, :1], kept], dim=1)
+    x = _ln(w, x, "visual.ln_pre")
+    for i in range(_layers(w, "visual.transformer.resblocks.")):
+        x = openai_block(w, x, f"visual.transformer.resblocks.{i}")
+    image = _ln(w, x, "visual.ln_post") @ w["visual.proj"]
 
     t = w["token_embedding.weight"][token_ids] + w["positional_embedding"][: token_ids.shape[1]]
-    for i in range(layers("transformer.resblocks.")):
-        t = block(t, f"transformer.resblocks.{i}", causal=True)
-    t = ln(t, "ln_final")
-    text = t[torch.arange(t.shape[0]), token_ids.argmax(dim=-1)] @ w["text_projection"]
+    for i in range(_layers(w, "transformer.resblocks.")):
+        t = openai_block(w, t, f"transformer.resblocks.{i}", causal=True)
+    text = _ln(w, t, "ln_final") @ w["text_projection"]
     return image, text
+
+
+def openai_forward(weights: dict[str, torch.Tensor], images: torch.Tensor, token_ids: torch.Tensor):
+    """OpenAI CLIP's forward on its own tensors: image features (B, E) and text features (B, E)."""
+    image, text = openai_tokens(weights, images, token_ids)
+    return image[:, 0], text[torch.arange(text.shape[0]), token_ids.argmax(dim=-1)]  # argmax: end-of-text
 
 
 def inputs():
@@ -370,3 +399,272 @@ def test_tipr_convert_writes_a_checkpoint_that_reloads_offline(tmp_path, referen
     assert main(["convert", "--ckpt", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "x.ckpt")]) == 1
     assert f"tipr convert: error: {tmp_path / 'missing.pth'}: no such file" in capsys.readouterr().err
     assert not (tmp_path / "x.ckpt").exists()
+
+
+# ----------------------------------------------------------- SEN, every head
+SEN_VOCAB = 1000  # not OpenAI's 49,408: start- and end-of-text are the two highest ids
+SEN_SOT, SEN_EOT = SEN_VOCAB - 2, SEN_VOCAB - 1
+SEN_DEPTH = 2
+SEN_CONFIG = {
+    "vision_config": {**CONFIG["vision_config"]},
+    "text_config": {
+        **CONFIG["text_config"], "num_hidden_layers": 2, "vocab_size": SEN_VOCAB,
+        "bos_token_id": SEN_SOT, "eos_token_id": SEN_EOT,
+    },
+    "projection_dim": 128,  # the TIR width: 128 // 64 = 2 heads, MLP 512, pixels 8 * 8 * 3
+}
+# SEN modules the reference builds but never calls in its forward.
+SEN_UNUSED = {
+    **{f"{name}.{key}": shape for name in ("cross_attn_TextImage", "cross_attn_Image") for key, shape in (
+        ("in_proj_weight", (384, 128)), ("in_proj_bias", (384,)), ("out_proj.weight", (128, 128)),
+        ("out_proj.bias", (128,)),
+    )},
+    **{f"{name}.{kind}": (128,) for name in ("norm_3", "norm_5") for kind in ("weight", "bias")},
+}
+
+
+def mae_sincos_table(grid, dim):
+    """SEN's ``decoder_pos_embed`` (1, 1 + H*W, dim): MAE's get_2d_sincos_pos_embed for an (H, W) grid."""
+
+    def one_d(d, positions):
+        omega = np.arange(d // 2, dtype=np.float32)
+        omega /= d / 2.0
+        omega = 1.0 / 10000**omega
+        out = np.einsum("m,d->md", positions.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    grid_h, grid_w = np.arange(grid[0], dtype=np.float32), np.arange(grid[1], dtype=np.float32)
+    mesh = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape([2, 1, grid[0], grid[1]])  # w first
+    table = np.concatenate([one_d(dim // 2, mesh[0]), one_d(dim // 2, mesh[1])], axis=1)
+    table = np.concatenate([np.zeros([1, dim]), table], axis=0)
+    return torch.from_numpy(table).float().unsqueeze(0)
+
+
+def to_sen_tir(restoration, grid) -> dict[str, torch.Tensor]:
+    """tipr's TIR head under SEN's names, written out by hand (the inverse of the conversion)."""
+    r = {key: value.detach().clone() for key, value in restoration.state_dict().items()}
+    sen = {"mask_token": r["mask_token"], "decoder_pos_embed": mae_sincos_table(grid, r["mask_token"].shape[-1])}
+    for ours, theirs in (
+        ("image_norm", "norm_1"), ("decoder_embed", "decoder_embed"), ("text_norm", "norm_2"),
+        ("query_norm", "norm_4"), ("pre_norm", "norm_6"), ("post_norm", "norm_7"), ("pixel_head", "decoder_pred"),
+        ("cross_attn.out_proj", "cross_attn_Text.out_proj"),
+    ):
+        for kind in ("weight", "bias"):
+            sen[f"{theirs}.{kind}"] = r[f"{ours}.{kind}"]
+    sen["cross_attn_Text.in_proj_weight"] = r["cross_attn.in_proj_weight"]
+    sen["cross_attn_Text.in_proj_bias"] = r["cross_attn.in_proj_bias"]
+    for i in range(len(restoration.transformer)):
+        a, b = f"cross_modal_transformer_mae.resblocks.{i}.", f"transformer.{i}."
+        for kind in ("weight", "bias"):
+            for theirs, ours in (
+                (f"attn.in_proj_{kind}", f"attn.qkv.{kind}"), (f"attn.out_proj.{kind}", f"attn.proj.{kind}"),
+                (f"ln_1.{kind}", f"norm1.{kind}"), (f"mlp.c_fc.{kind}", f"mlp.fc1.{kind}"),
+                (f"mlp.c_proj.{kind}", f"mlp.fc2.{kind}"), (f"ln_2.{kind}", f"norm2.{kind}"),
+            ):
+                sen[a + theirs] = r[b + ours]
+    return sen
+
+
+def sen_inputs():
+    """Four images, captions in the 1,000-id vocabulary (end-of-text 999) and person ids (0 twice)."""
+    g = torch.Generator().manual_seed(3)
+    images = torch.randn(4, 3, *IMAGE_SIZE, generator=g)
+    words = torch.randint(1, SEN_SOT, (4, CONTEXT), generator=g)
+    token_ids = torch.zeros(4, CONTEXT, dtype=torch.long)
+    for row, end in enumerate((5, 1, CONTEXT - 1, 9)):
+        token_ids[row, 0], token_ids[row, 1:end], token_ids[row, end] = SEN_SOT, words[row, 1:end], SEN_EOT
+    noise = torch.rand(4, (IMAGE_SIZE[0] // 8) * (IMAGE_SIZE[1] // 8), generator=g)
+    return images, token_ids, torch.tensor([0, 1, 0, 2]), noise
+
+
+def sen_reference_losses(model, images, token_ids, pids, noise, num_visible, temperature=0.02, margin=0.05):
+    """SEN's training losses computed on its own state dict, in plain torch (the reference's forward)."""
+    w = {key: value.float() for key, value in model.items()}
+    clip = {key.removeprefix("base_model."): value for key, value in w.items() if key.startswith("base_model.")}
+    image_tokens, text_tokens = openai_tokens(clip, images, token_ids)
+    i_feats = image_tokens[:, 0]
+    t_feats = text_tokens[torch.arange(len(token_ids)), token_ids.argmax(dim=-1)]
+
+    # SDM (IRRA's compute_sdm), logit scale 1 / temperature.
+    labels = (pids[:, None] == pids[None, :]).float()
+    image_norm = i_feats / i_feats.norm(dim=1, keepdim=True)
+    text_norm = t_feats / t_feats.norm(dim=1, keepdim=True)
+    t2i = text_norm @ image_norm.t()
+    target = labels / labels.sum(dim=1)
+    sdm = 0.0
+    for logits in (t2i.t() / temperature, t2i / temperature):
+        kl = F.softmax(logits, dim=1) * (F.log_softmax(logits, dim=1) - torch.log(target + 1e-8))
+        sdm = sdm + kl.sum(dim=1).mean()
+
+    # ID: one classifier for both modalities.
+    classify = lambda x: x @ w["classifier.weight"].t() + w["classifier.bias"]  # noqa: E731
+    id_loss = (F.cross_entropy(classify(i_feats), pids) + F.cross_entropy(classify(t_feats), pids)) / 2
+
+    # Triplet on cosine distance with the hardest negative of another identity, both directions.
+    tri = 0.0
+    for similarity in (t2i, t2i.t()):  # rows: anchors
+        hardest = similarity.masked_fill(labels.bool(), float("-inf")).max(dim=1).values
+        tri = tri + F.relu((1 - similarity.diagonal()) - (1 - hardest) + margin).mean()
+
+    # TIR: grayscale input, the lowest-noise patches visible, the decoder, MSE on hidden patches.
+    weights = torch.tensor([0.2989, 0.5870, 0.1140]).view(1, 3, 1, 1)
+    gray = (images * weights).sum(dim=1, keepdim=True).repeat(1, 3, 1, 1)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    visible, text = openai_tokens(clip, gray, token_ids, ids_keep=ids_shuffle[:, :num_visible])
+    x = _linear(w, _ln(w, visible, "norm_1"), "decoder_embed")
+    b, n, d = len(images), noise.shape[1], x.shape[-1]
+    x_ = torch.cat([x[:, 1:], w["mask_token"].repeat(b, n + 1 - x.shape[1], 1)], dim=1)
+    x_ = torch.gather(x_, 1, ids_restore[..., None].repeat(1, 1, d))  # unshuffle
+    x = torch.cat([x[:, :1], x_], dim=1) + w["decoder_pos_embed"]
+    text = _ln(w, text, "norm_2")
+    q, k, v = (
+        part_in @ weight.t() + bias
+        for part_in, weight, bias in zip(
+            (_ln(w, x, "norm_4"), text, text),
+            w["cross_attn_Text.in_proj_weight"].chunk(3),
+            w["cross_attn_Text.in_proj_bias"].chunk(3),
+        )
+    )
+    scores, values, shape = _attention(q, k, v, heads=d // 64)  # no key padding mask
+    attended = (scores.softmax(dim=-1) @ values).transpose(1, 2).reshape(shape)
+    x = _ln(w, _linear(w, attended, "cross_attn_Text.out_proj"), "norm_6")  # no residual
+    for i in range(_layers(w, "cross_modal_transformer_mae.resblocks.")):
+        x = openai_block(w, x, f"cross_modal_transformer_mae.resblocks.{i}")
+    prediction = _linear(w, _ln(w, x, "norm_7"), "decoder_pred")[:, 1:]
+    p = clip["visual.conv1.weight"].shape[-1]
+    h, wd = images.shape[2] // p, images.shape[3] // p
+    pixels = torch.einsum("nchpwq->nhwpqc", images.reshape(b, 3, h, p, wd, p)).reshape(b, h * wd, p * p * 3)
+    mask = torch.ones(b, n)
+    mask[:, :num_visible] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    tir = (((prediction - pixels) ** 2).mean(dim=-1) * mask).sum() / mask.sum()
+
+    losses = {"sdm": sdm, "id": id_loss, "tri": tri, "tir": tir}
+    losses["loss"] = sdm + id_loss + 10 * tri + 10 * tir
+    return losses
+
+
+@pytest.fixture(scope="module")
+def sen_source():
+    torch.manual_seed(4)
+    network = SENNetwork(
+        build_clip(SEN_CONFIG, CONTEXT), NUM_CLASSES, image_size=IMAGE_SIZE, text_length=CONTEXT,
+        tir_depth=SEN_DEPTH, tir_text_padding_mask=False,
+    )
+    with torch.no_grad():
+        for param in network.parameters():  # no tensor keeps an init (ones, zeros) that would hide a swap
+            param.add_(0.05 * torch.randn_like(param))
+    return network.eval()
+
+
+@pytest.fixture(scope="module")
+def sen_ckpt(sen_source, tmp_path_factory):
+    """A SEN ``best.pth`` with every head: backbone, classifier, TIR and the modules SEN never calls."""
+    model = {"base_model." + key: value for key, value in to_openai(sen_source.clip).items() if key != "logit_scale"}
+    model["classifier.weight"] = sen_source.classifier.weight.detach().clone()
+    model["classifier.bias"] = sen_source.classifier.bias.detach().clone()
+    model.update(to_sen_tir(sen_source.restoration, sen_source.embeddings.grid_size))
+    g = torch.Generator().manual_seed(5)
+    model.update({key: torch.randn(shape, generator=g) for key, shape in SEN_UNUSED.items()})
+    path = tmp_path_factory.mktemp("sen") / "best.pth"
+    torch.save({"model": model, "epoch": 60}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sen_module(sen_ckpt):
+    return TIPRModule.from_reference_checkpoint(
+        sen_ckpt, image_size=IMAGE_SIZE, tir_depth=SEN_DEPTH, tir_text_padding_mask=False
+    ).eval()
+
+
+def test_sen_checkpoint_losses_match_the_reference_forward(sen_ckpt, sen_source, sen_module):
+    network = sen_module.network
+    images, token_ids, pids, noise = sen_inputs()
+    with torch.no_grad():
+        ours = network(images, token_ids, pids, noise=noise)
+        model = torch.load(sen_ckpt, weights_only=True)["model"]
+        expected = sen_reference_losses(model, images, token_ids, pids, noise, num_visible_patches(8, 0.7))
+    assert sorted(ours) == sorted(expected)
+    for name, value in expected.items():  # measured: at most 8e-6 (the total, about 40), float32 rounding
+        assert_close(ours[name], value, atol=1e-5, rtol=1e-6, msg=name)
+    assert expected["tir"] > 0.1 and expected["tri"] > 0  # every loss is live, none trivially 0
+    # The mapping inverts the hand-written inverse, tensor for tensor (SEN saves no logit_scale).
+    converted = network.state_dict()
+    assert sorted(converted) == sorted(sen_source.state_dict())
+    for key, value in sen_source.state_dict().items():
+        assert key == "clip.logit_scale" or torch.equal(converted[key], value), key
+
+
+def test_sen_tir_blocks_are_openai_blocks(sen_module):
+    restoration = sen_module.network.restoration
+    assert len(restoration.transformer) == SEN_DEPTH and restoration.cross_attn.num_heads == 2
+    for block in restoration.transformer:
+        assert block.norm1.eps == block.norm2.eps == 1e-5  # OpenAI's LayerNorm, not timm's 1e-6
+        x = torch.linspace(-3, 3, 7)
+        assert torch.allclose(block.mlp.act(x), x * torch.sigmoid(1.702 * x))  # QuickGELU
+    assert torch.equal(restoration.pos_embed, mae_sincos_table(restoration.grid_size, 128))
+
+
+def test_sen_report_names_no_reinitialised_head_and_the_unused_modules(sen_module):
+    report = sen_module.conversion_report
+    assert report.reinitialised == {}
+    assert report.unused == sorted(SEN_UNUSED)
+    printed = str(report)
+    assert f"TIR head ({SEN_DEPTH} blocks; its decoder_pos_embed equals tipr's fixed table)" in printed
+    assert "ID classifier (5 classes)" in printed and "re-initialised" not in printed
+    assert "unused source keys (12): cross_attn_Image.* (4), cross_attn_TextImage.* (4), norm_3.* (2), norm_5.* (2)" in printed
+
+
+def test_vocabulary_of_1000_ids_pools_at_id_999(sen_module):
+    network = sen_module.network
+    text = network.clip.config.text_config
+    assert (text.vocab_size, text.eos_token_id, text.bos_token_id, network.eot_token_id) == (1000, 999, 998, 999)
+    assert "vocabulary 1000 (end-of-text 999)" in sen_module.conversion_report.backbone
+    _, token_ids, _, _ = sen_inputs()
+    with torch.no_grad():
+        tokens, eot = network.text_tokens(token_ids)
+        pooled = network.encode_text(token_ids)
+    assert eot.tolist() == [5, 1, CONTEXT - 1, 9]
+    assert torch.equal(pooled, tokens[torch.arange(4), eot])
+    # Old hub configs (end-of-text 2 or none) pool at the highest id, whatever the vocabulary.
+    for eos in (2, None):
+        config = types.SimpleNamespace(text_config=types.SimpleNamespace(vocab_size=1000, eos_token_id=eos))
+        assert eot_token_id(config) == 999
+
+
+def test_sen_conversion_reloads_and_reinitialises_what_does_not_fit(tmp_path, sen_ckpt, sen_module):
+    images, token_ids, pids, noise = sen_inputs()
+    out = save_tipr_checkpoint(sen_module, tmp_path / "sen.ckpt")
+    reloaded = TIPRModule.load_from_checkpoint(out).eval()  # the fixed table is rebuilt, not stored
+    with torch.no_grad():
+        before, after = sen_module.network(images, token_ids, pids, noise=noise), reloaded.network(
+            images, token_ids, pids, noise=noise
+        )
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+
+    tir_keys = sorted(key for key in torch.load(sen_ckpt, weights_only=True)["model"] if key.split(".")[0] in {
+        "norm_1", "decoder_embed", "mask_token", "norm_2", "norm_4", "cross_attn_Text", "norm_6",
+        "cross_modal_transformer_mae", "norm_7", "decoder_pred", "decoder_pos_embed",
+    })
+    shallow = TIPRModule.from_reference_checkpoint(sen_ckpt, image_size=IMAGE_SIZE, tir_depth=1)
+    assert shallow.conversion_report.reinitialised == {"restoration": "TIR head: the source's has 2 blocks, tir_depth is 1"}
+    assert shallow.conversion_report.unused == sorted([*SEN_UNUSED, *tir_keys])
+
+    checkpoint = torch.load(sen_ckpt, weights_only=True)
+    checkpoint["model"]["decoder_pos_embed"] = checkpoint["model"]["decoder_pos_embed"].flip(-1)
+    del checkpoint["model"]["cross_modal_transformer_mae.resblocks.1.ln_2.bias"]
+    broken = tmp_path / "broken.pth"
+    torch.save(checkpoint, broken)
+    with pytest.raises(ValueError, match=re.escape(
+        "cross_modal_transformer_mae.resblocks.1.ln_2.bias: missing, expected (128,)"
+    )):
+        load_reference_checkpoint(broken, image_size=IMAGE_SIZE)
+    checkpoint["model"]["cross_modal_transformer_mae.resblocks.1.ln_2.bias"] = torch.zeros(128)
+    torch.save(checkpoint, broken)
+    _, report = load_reference_checkpoint(broken, image_size=IMAGE_SIZE)
+    assert report.reinitialised["restoration"].startswith(
+        "TIR head: the source's decoder_pos_embed is not the fixed sine-cosine table of the 4x2 grid (max abs difference"
+    )

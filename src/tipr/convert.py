@@ -2,11 +2,13 @@
 
 The IRRA code (and SEN, built on it) saves ``torch.save({"model": state_dict,
 "optimizer": ..., "epoch": ...})``; its CLIP backbone sits under ``base_model.``
-in OpenAI's layout, next to the ID classifier (``classifier.*``) and heads tipr
-has no counterpart for (IRRA's MLM cross-modal modules, SEN's own restoration
-modules). OpenAI's ``clip`` package (TorchScript archives included) and
-``open_clip`` use the same layout without the prefix. This module maps that
-layout onto the Hugging Face ``CLIPModel`` inside :class:`tipr.model.SENNetwork`:
+in OpenAI's layout, next to the ID classifier (``classifier.*``), SEN's
+text-guided restoration (TIR) head and heads tipr has no counterpart for
+(IRRA's MLM cross-modal modules, SEN's unused ``cross_attn_TextImage``,
+``cross_attn_Image``, ``norm_3``, ``norm_5``). OpenAI's ``clip`` package
+(TorchScript archives included) and ``open_clip`` use the backbone's layout
+without the prefix. This module maps the backbone onto the Hugging Face
+``CLIPModel`` inside :class:`tipr.model.SENNetwork`:
 
 ==========================================  ===================================================
 OpenAI layout                                Hugging Face ``CLIPModel``
@@ -29,16 +31,48 @@ OpenAI layout                                Hugging Face ``CLIPModel``
 (``visual.transformer.resblocks`` are the vision blocks, ``transformer.resblocks``
 the text blocks.) What the weights do not say is fixed by OpenAI's architecture:
 ``width // 64`` heads, QuickGELU, LayerNorm eps 1e-5, a causal text mask and
-pooling at the end-of-text token (the highest id, 49407); every shape (widths,
-layers, MLP sizes, patch, vocabulary, context, embedding) is read off the tensors.
+pooling at the end-of-text token, the highest id (``argmax``): for a vocabulary
+of V ids (``token_embedding.weight``) end-of-text is V - 1 and start-of-text
+V - 2 (49407 and 49406 for OpenAI's 49,408), written into the config's
+``eos_token_id`` / ``bos_token_id``. Every shape (widths, layers, MLP sizes,
+patch, vocabulary, context, embedding) is read off the tensors.
+
+SEN's TIR head (top level of the state dict, all ``E`` wide) maps onto
+``SENNetwork.restoration`` (:class:`tipr.model.restoration.TextGuidedRestoration`):
+
+=============================================  ================================================
+SEN                                            tipr ``restoration.``
+=============================================  ================================================
+``norm_1`` (visible image tokens)              ``image_norm``
+``decoder_embed`` (E, E)                       ``decoder_embed``
+``mask_token`` (1, 1, E)                       ``mask_token``
+``norm_2`` (text) / ``norm_4`` (queries)       ``text_norm`` / ``query_norm``
+``cross_attn_Text`` (MultiheadAttention)       ``cross_attn`` (the same module)
+``norm_6`` / ``norm_7``                        ``pre_norm`` / ``post_norm``
+``cross_modal_transformer_mae.resblocks.N``    ``transformer.N`` (timm ``Block``)
+``...N.attn.in_proj_*`` / ``out_proj``         ``...N.attn.qkv`` / ``proj`` (same q, k, v rows)
+``...N.ln_1`` / ``ln_2``                       ``...N.norm1`` / ``norm2``
+``...N.mlp.c_fc`` / ``c_proj``                 ``...N.mlp.fc1`` / ``fc2``
+``decoder_pred`` (P*P*3, E)                    ``pixel_head``
+``decoder_pos_embed`` (1, 1 + N, E)            ``pos_embed`` (checked, not copied)
+=============================================  ================================================
+
+The TIR depth is the number of blocks in the file (``tir_depth`` defaults to
+it; another depth leaves the head freshly initialised), its heads ``E // 64``
+as the reference's. ``decoder_pos_embed`` is the reference's fixed sine-cosine
+table; tipr builds the same table (:func:`tipr.model.restoration.sincos_position_table`)
+as a non-persistent buffer, so the conversion checks that the two agree (within
+1e-4; a different table leaves the head freshly initialised, with the reason)
+instead of copying it, and a converted checkpoint reloads with the right table.
 
 The vision position table is used as is when it has ``1 + (H/P)(W/P)`` rows
 for the requested ``image_size`` (an IRRA/SEN checkpoint trained at 384 x 128:
-24 x 8 patches), resized once, bicubic, when it is a square OpenAI table (197 =
-1 + 14 x 14 for ViT-B/16 at 224), and refused otherwise. ``logit_scale`` is
-copied when present (IRRA drops it; tipr does not use it either).
+24 x 8 patches), resized once (:func:`tipr.model.resize_position_embedding`'s
+default) when it is a square OpenAI table (197 = 1 + 14 x 14 for ViT-B/16 at
+224), and refused otherwise. ``logit_scale`` is copied when present (IRRA drops
+it; tipr does not use it either).
 
-    tipr convert --ckpt best.pth --out irra.ckpt          # then TIPRModule.load_from_checkpoint("irra.ckpt")
+    tipr convert --ckpt best.pth --out sen.ckpt           # then TIPRModule.load_from_checkpoint("sen.ckpt")
     tipr convert --ckpt ViT-B-16.pt --out clip.ckpt --num-classes 11003
 """
 
@@ -111,6 +145,52 @@ _BLOCK_KEYS = {
     "ln_2.weight": "layer_norm2.weight",
     "ln_2.bias": "layer_norm2.bias",
 }
+
+
+#: SEN's text-guided restoration (TIR) head, at the top level of its state dict ->
+#: ``SENNetwork.restoration`` (:class:`tipr.model.restoration.TextGuidedRestoration`).
+_TIR_KEYS = {
+    "norm_1.weight": "image_norm.weight",
+    "norm_1.bias": "image_norm.bias",
+    "decoder_embed.weight": "decoder_embed.weight",
+    "decoder_embed.bias": "decoder_embed.bias",
+    "mask_token": "mask_token",
+    "norm_2.weight": "text_norm.weight",
+    "norm_2.bias": "text_norm.bias",
+    "norm_4.weight": "query_norm.weight",
+    "norm_4.bias": "query_norm.bias",
+    "cross_attn_Text.in_proj_weight": "cross_attn.in_proj_weight",
+    "cross_attn_Text.in_proj_bias": "cross_attn.in_proj_bias",
+    "cross_attn_Text.out_proj.weight": "cross_attn.out_proj.weight",
+    "cross_attn_Text.out_proj.bias": "cross_attn.out_proj.bias",
+    "norm_6.weight": "pre_norm.weight",
+    "norm_6.bias": "pre_norm.bias",
+    "norm_7.weight": "post_norm.weight",
+    "norm_7.bias": "post_norm.bias",
+    "decoder_pred.weight": "pixel_head.weight",
+    "decoder_pred.bias": "pixel_head.bias",
+}
+#: The reference's fixed sine-cosine table (``requires_grad=False``); checked, not loaded.
+_TIR_TABLE = "decoder_pos_embed"
+_TIR_BLOCKS = "cross_modal_transformer_mae.resblocks."
+_TIR_LAYERS = "transformer."
+#: Inside a TIR block: an OpenAI residual block -> a timm ``Block`` (the same q, k, v row order).
+_TIR_BLOCK_KEYS = {
+    "attn.in_proj_weight": "attn.qkv.weight",
+    "attn.in_proj_bias": "attn.qkv.bias",
+    "attn.out_proj.weight": "attn.proj.weight",
+    "attn.out_proj.bias": "attn.proj.bias",
+    "ln_1.weight": "norm1.weight",
+    "ln_1.bias": "norm1.bias",
+    "mlp.c_fc.weight": "mlp.fc1.weight",
+    "mlp.c_fc.bias": "mlp.fc1.bias",
+    "mlp.c_proj.weight": "mlp.fc2.weight",
+    "mlp.c_proj.bias": "mlp.fc2.bias",
+    "ln_2.weight": "norm2.weight",
+    "ln_2.bias": "norm2.bias",
+}
+#: A table equal to tipr's within this is the same fixed table (a different one differs by O(1)).
+_TABLE_ATOL = 1e-4
 
 
 # --------------------------------------------------------------- pure mapping
@@ -215,6 +295,9 @@ def _infer_config(
         "text_config": {
             **tower(_TEXT_BLOCKS, tokens[1]),
             "vocab_size": tokens[0],
+            # OpenAI's BPE puts start- and end-of-text last; it pools at the highest id (argmax).
+            "bos_token_id": tokens[0] - 2,
+            "eos_token_id": tokens[0] - 1,
             "max_position_embeddings": text_table[0],
         },
         "projection_dim": proj[1],
@@ -308,7 +391,7 @@ def _describe(config: dict[str, Any], grid: tuple[int, int]) -> str:
         f"ViT CLIP: vision {vision['hidden_size']} wide x {vision['num_hidden_layers']} layers, patch "
         f"{vision['patch_size']}, grid {grid[0]}x{grid[1]}; text {text['hidden_size']} wide x "
         f"{text['num_hidden_layers']} layers, context {text['max_position_embeddings']}, vocabulary "
-        f"{text['vocab_size']}; embedding {config['projection_dim']}"
+        f"{text['vocab_size']} (end-of-text {text['eos_token_id']}); embedding {config['projection_dim']}"
     )
 
 
@@ -482,6 +565,88 @@ def _classifier_problems(state_dict: Mapping[str, torch.Tensor], embed_dim: int)
     return problems
 
 
+def _tir_modules() -> set[str]:
+    return {key.split(".")[0] for key in _TIR_KEYS} | {_TIR_TABLE, _TIR_BLOCKS.split(".")[0]}
+
+
+def _has_tir(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the source holds (some of) SEN's TIR head."""
+    modules = _tir_modules()
+    return any(key.split(".")[0] in modules for key in state_dict)
+
+
+def _tir_shapes(config: dict[str, Any], grid: tuple[int, int], depth: int) -> dict[str, tuple[int, ...]]:
+    """Every TIR tensor of the reference and its shape: all ``D`` wide (the projection width)."""
+    dim, patch = config["projection_dim"], config["vision_config"]["patch_size"]
+    pixels = patch * patch * config["vision_config"]["num_channels"]
+    shapes = {key: (dim,) for key in _TIR_KEYS if key.startswith("norm_")}
+    shapes.update({
+        "decoder_embed.weight": (dim, dim),
+        "decoder_embed.bias": (dim,),
+        "mask_token": (1, 1, dim),
+        "cross_attn_Text.in_proj_weight": (3 * dim, dim),
+        "cross_attn_Text.in_proj_bias": (3 * dim,),
+        "cross_attn_Text.out_proj.weight": (dim, dim),
+        "cross_attn_Text.out_proj.bias": (dim,),
+        "decoder_pred.weight": (pixels, dim),
+        "decoder_pred.bias": (pixels,),
+        _TIR_TABLE: (1, 1 + grid[0] * grid[1], dim),
+    })
+    block = _block_shapes(dim, 4 * dim)  # OpenAI's Transformer: MLP ratio 4
+    for i in range(depth):
+        shapes.update({f"{_TIR_BLOCKS}{i}.{key}": shape for key, shape in block.items()})
+    return shapes
+
+
+def _tir_problems(
+    state_dict: Mapping[str, torch.Tensor], config: dict[str, Any], grid: tuple[int, int], depth: int
+) -> list[str]:
+    """One line per missing or misshapen TIR tensor, as :func:`_shape_problems`."""
+    problems = []
+    for key, expected in _tir_shapes(config, grid, depth).items():
+        tensor = state_dict.get(key)
+        if tensor is None:
+            problems.append(f"{key}: missing, expected {expected}")
+        elif tuple(tensor.shape) != expected:
+            hint = f" (the {grid[0]}x{grid[1]} patch grid)" if key == _TIR_TABLE else ""
+            problems.append(f"{key}: expected {expected}{hint}, found {tuple(tensor.shape)}")
+    if depth == 0:
+        problems.append(f"{_TIR_BLOCKS}0.*: missing, no TIR block found")
+    return problems
+
+
+def _tir_weights(state_dict: Mapping[str, torch.Tensor], depth: int) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """The TIR head under ``TextGuidedRestoration`` names (fp32), and the source keys it takes."""
+    weights = {new: state_dict[old].float() for old, new in _TIR_KEYS.items()}
+    used = {*_TIR_KEYS, _TIR_TABLE}
+    for i in range(depth):
+        for old, new in _TIR_BLOCK_KEYS.items():
+            weights[f"{_TIR_LAYERS}{i}.{new}"] = state_dict[f"{_TIR_BLOCKS}{i}.{old}"].float()
+            used.add(f"{_TIR_BLOCKS}{i}.{old}")
+    return weights, used
+
+
+def _tir_mismatch(restoration: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], depth: int) -> str | None:
+    """Why the source's TIR head cannot be loaded into ``restoration`` as trained, or None."""
+    if len(restoration.transformer) != depth:
+        return f"the source's has {depth} blocks, tir_depth is {len(restoration.transformer)}"
+    dim = restoration.decoder_embed.out_features
+    if restoration.cross_attn.num_heads != dim // OPENAI_HEAD_WIDTH:
+        return (
+            f"the source's has {dim // OPENAI_HEAD_WIDTH} heads ({dim} // {OPENAI_HEAD_WIDTH}), this one "
+            f"{restoration.cross_attn.num_heads}"
+        )
+    table = state_dict[_TIR_TABLE][0].float()
+    difference = (table - restoration.pos_embed[0].float()).abs().max().item()
+    if difference > _TABLE_ATOL:
+        grid = restoration.grid_size
+        return (
+            f"the source's {_TIR_TABLE} is not the fixed sine-cosine table of the {grid[0]}x{grid[1]} grid "
+            f"(max abs difference {difference:.3g})"
+        )
+    return None
+
+
 def load_reference_checkpoint(
     path: str | Path,
     image_size: tuple[int, int] = (384, 128),
@@ -504,12 +669,15 @@ def load_reference_checkpoint(
             source classifier of another size is left out (re-initialised).
         module_class: ``TIPRModule`` (default) or a subclass.
         module_kwargs: other ``TIPRModule`` arguments (loss weights, ``lr``...).
+            ``tir_depth`` defaults to the number of TIR blocks in a SEN source;
+            another depth leaves its TIR head out (re-initialised).
 
     Returns:
         ``(module, report)``: the module's backbone is the inferred ``CLIPConfig``
-        as a dict, so its checkpoints reload offline; the TIR head and any
-        classifier without matching weights keep their fresh initialisation,
-        which the :class:`ConversionReport` names with the unused source keys.
+        as a dict, so its checkpoints reload offline; a SEN checkpoint's TIR head
+        is loaded too. Heads without matching weights (none for a full SEN
+        checkpoint) keep their fresh initialisation, which the
+        :class:`ConversionReport` names with the unused source keys.
 
     Raises:
         FileNotFoundError / ValueError naming ``path``; a ``ValueError`` for tensors
@@ -526,6 +694,10 @@ def load_reference_checkpoint(
         config, grid = _infer_config(state, prefix, image_size)
         problems = _shape_problems(state, prefix, config, grid, image_size)
         problems += _classifier_problems(state, config["projection_dim"])
+        tir_depth = _num_blocks(state, _TIR_BLOCKS) if _has_tir(state) else None
+        if tir_depth is not None:
+            problems += _tir_problems(state, config, grid, tir_depth)
+            module_kwargs.setdefault("tir_depth", tir_depth)  # the caller's, else the source's
         if problems:
             raise ValueError(_mismatch_message(problems, config, grid))
         source_classes = state["classifier.weight"].shape[0] if "classifier.weight" in state else None
@@ -559,7 +731,7 @@ def load_reference_checkpoint(
             network.classifier.load_state_dict(
                 {"weight": state["classifier.weight"].float(), "bias": state["classifier.bias"].float()}
             )
-            used_outside = {"classifier.weight", "classifier.bias"}
+            used_outside |= {"classifier.weight", "classifier.bias"}
             loaded.append(f"ID classifier ({num_classes} classes)")
         elif source_classes is None:
             reinitialised["classifier"] = f"ID classifier: the source has none; {num_classes} classes"
@@ -568,7 +740,16 @@ def load_reference_checkpoint(
                 f"ID classifier: the source's has {source_classes} classes, num_classes is {num_classes}"
             )
     if network.restoration is not None:
-        reinitialised["restoration"] = "TIR head: no counterpart in the source"
+        mismatch = None if tir_depth is None else _tir_mismatch(network.restoration, state, tir_depth)
+        if tir_depth is None:
+            reinitialised["restoration"] = "TIR head: no counterpart in the source"
+        elif mismatch is not None:
+            reinitialised["restoration"] = f"TIR head: {mismatch}"
+        else:
+            tir_weights, tir_used = _tir_weights(state, tir_depth)
+            network.restoration.load_state_dict(tir_weights)
+            used_outside |= tir_used
+            loaded.append(f"TIR head ({tir_depth} blocks; its {_TIR_TABLE} equals tipr's fixed table)")
     outside = [key for key in state if prefix and not key.startswith(prefix)]
     unused = sorted(key for key in [*clip.unused, *outside] if key not in used_outside)
     layout = (

@@ -124,12 +124,17 @@ def _check_text_length(config, text_length: int) -> None:
 def eot_token_id(config) -> int:
     """The end-of-text id whose first occurrence marks the pooled text position.
 
-    Old hub configs of OpenAI CLIP say ``eos_token_id=2``; transformers then pools
-    at the highest id (``argmax``), which for CLIP's BPE is ``<|endoftext|>``
-    (49407). We always pool at the first end-of-text token, so map that case to 49407.
+    OpenAI CLIP pools at the highest token id (``argmax`` over the ids), and its
+    BPE puts ``<|endoftext|>`` last: id ``vocab_size - 1`` (49407 for the 49,408
+    ids of the released models). Old hub configs say ``eos_token_id=2`` (or none);
+    transformers then pools at the highest id, so that case maps to
+    ``vocab_size - 1``, whatever the vocabulary size. Otherwise the config's
+    ``eos_token_id`` (``tipr convert`` writes ``vocab_size - 1`` there). We always
+    pool at the first end-of-text token.
     """
-    eos = config.text_config.eos_token_id
-    return CLIP_EOT_TOKEN_ID if eos in (None, 2) else int(eos)
+    text = config.text_config
+    eos = text.eos_token_id
+    return int(text.vocab_size) - 1 if eos in (None, 2) else int(eos)
 
 
 #: How a pretrained position table may be resized: the reference code's bilinear, or bicubic.

@@ -16,6 +16,9 @@ encoder part and the loss (:func:`tipr.model.losses.masked_patch_mse`).
 
 from __future__ import annotations
 
+from functools import partial
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -77,14 +80,34 @@ def random_patch_masking(
     return ids_keep, ids_restore, mask
 
 
-def sincos_position_table(grid_size: tuple[int, int], dim: int) -> torch.Tensor:
-    """Fixed 2-D sine-cosine table ``(1 + H*W, dim)`` with a zero row for CLS (as MAE), from timm."""
-    from timm.layers import build_sincos2d_pos_embed
+def _sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+    """``[sin(pos * w), cos(pos * w)]`` with ``w_k = 10000^(-k / (dim/2))``, ``k < dim/2``: ``(M, dim)``."""
+    omega = np.arange(dim // 2, dtype=np.float32)
+    omega /= dim / 2.0
+    omega = 1.0 / 10000**omega  # (dim/2,), float32
+    angles = np.einsum("m,d->md", positions.reshape(-1), omega)  # (M, dim/2)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
+
+def sincos_position_table(grid_size: tuple[int, int], dim: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine table ``(1 + H*W, dim)`` with a zero row for CLS: SEN's ``decoder_pos_embed``.
+
+    The reference's layout (MAE's ``get_2d_sincos_pos_embed`` for an ``(H, W)``
+    grid), in its float32 arithmetic: row ``1 + i*W + j`` (grid row i, column j) is
+    ``[sin(j w), cos(j w), sin(i w), cos(i w)]``, the column first, with
+    ``w_k = 10000^(-k / (dim/4))``, ``k < dim/4``. A checkpoint of the reference
+    code therefore fits the decoder as it was trained (``tipr convert`` checks
+    that its stored table equals this one).
+    """
     if dim % 4:
         raise ValueError(f"the sine-cosine position table needs a width divisible by 4, got {dim}")
-    table = build_sincos2d_pos_embed(list(grid_size), dim=dim)  # (H*W, dim)
-    return torch.cat([table.new_zeros(1, dim), table], dim=0)
+    height, width = (int(s) for s in grid_size)
+    rows = np.arange(height, dtype=np.float32)
+    cols = np.arange(width, dtype=np.float32)
+    col_grid, row_grid = np.meshgrid(cols, rows)  # (H, W) each, "xy" indexing: the column first
+    table = np.concatenate([_sincos_1d(dim // 2, col_grid), _sincos_1d(dim // 2, row_grid)], axis=1)
+    table = np.concatenate([np.zeros((1, dim), dtype=table.dtype), table], axis=0)  # (1 + H*W, dim)
+    return torch.from_numpy(table).float()
 
 
 class TextGuidedRestoration(nn.Module):
@@ -94,8 +117,10 @@ class TextGuidedRestoration(nn.Module):
     ``decoder_embed`` (projection width -> projection width), ``mask_token``,
     fixed ``pos_embed``; ``query_norm`` and ``text_norm`` feed ``cross_attn``
     (queries: decoder tokens; keys/values: caption token features); ``pre_norm``,
-    ``transformer`` (``depth`` timm ``Block``\\ s), ``post_norm``, ``pixel_head``
-    (linear to ``p*p*3`` values per patch).
+    ``transformer`` (``depth`` timm ``Block``\\ s: pre-norm, QuickGELU, LayerNorm eps
+    1e-5, the same function as OpenAI CLIP's residual blocks), ``post_norm``,
+    ``pixel_head`` (linear to ``p*p*3`` values per patch). Each maps one to one
+    onto a module of the reference (see :mod:`tipr.convert`).
 
     Args:
         dim: projection width of the dual encoder (512 for ViT-B/16).
@@ -141,7 +166,15 @@ class TextGuidedRestoration(nn.Module):
         self.cross_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
         self.pre_norm = nn.LayerNorm(dim)
         self.transformer = nn.Sequential(
-            *[Block(dim, num_heads, mlp_ratio=4.0, qkv_bias=True, act_layer=QuickGELU) for _ in range(depth)]
+            *[
+                # OpenAI CLIP's residual block, as the reference's: QuickGELU and LayerNorm eps 1e-5
+                # (timm's default eps is 1e-6).
+                Block(
+                    dim, num_heads, mlp_ratio=4.0, qkv_bias=True, act_layer=QuickGELU,
+                    norm_layer=partial(nn.LayerNorm, eps=1e-5),
+                )
+                for _ in range(depth)
+            ]
         )
         self.post_norm = nn.LayerNorm(dim)
         self.pixel_head = nn.Linear(dim, patch_size * patch_size * 3)
