@@ -356,7 +356,8 @@ class TIPRModule(pl.LightningModule):
     # ---------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Never write weights that a non-finite step may have touched.
-        self.nonfinite.raise_if_tripped(self._last_checkpoint())
+        if self.nonfinite.tripped_at is not None:
+            self.nonfinite.raise_if_tripped(self._last_checkpoint())
         # Store the backbone as its config: rebuilding never downloads or needs the original weights.
         hparams = checkpoint.get("hyper_parameters")
         if hparams is not None:
