@@ -11,7 +11,12 @@ LightningCLI this adds:
 - links: the data module's ``num_classes`` (training identities), ``image_size``
   and ``text_length`` feed the model, and the model's ``backbone`` picks the
   tokenizer, so they are never given twice;
-- a checkpoint callback keeping the best ``val/R1`` (``--checkpoint.*``);
+- a checkpoint callback keeping the best ``val/R1`` (``--checkpoint.*``), and
+  ``last.ckpt`` refreshed at every epoch end and every 30 minutes of training
+  (``--last_checkpoint.*``), every checkpoint written atomically;
+- resuming: ``tipr fit ... --ckpt_path last`` (or a checkpoint path inside a
+  run folder) continues in that run's ``version_N`` folder, so logs, the
+  best-so-far and ``--test_after_fit`` carry on where the run stopped;
 - retrieval and TIR image panels after each validation, for loggers that show
   images such as ``WandbLogger`` (``--panels.*``, see ``tipr.visualization``);
 - ``--test_after_fit``: evaluate the best checkpoint on the test split when
@@ -34,6 +39,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from tipr.checkpointing import AtomicCheckpointIO, LastCheckpoint, resume_version
 from tipr.data import TIPRDataModule
 from tipr.model import TIPRModule
 from tipr.visualization import RetrievalPanels
@@ -76,11 +82,12 @@ class TIPRCLI(LightningCLI):
             {
                 "checkpoint.monitor": "val/R1",
                 "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
+                "checkpoint.save_last": False,  # last.ckpt is LastCheckpoint's (epoch ends and every N minutes)
                 "checkpoint.filename": "best-epoch{epoch:02d}-valR1_{val/R1:.2f}",
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         # Image panels for loggers that show images (W&B); a no-op for CSV.
         parser.add_lightning_class_args(RetrievalPanels, "panels")
         parser.add_argument(
@@ -89,6 +96,28 @@ class TIPRCLI(LightningCLI):
             default=False,
             help="After fit, evaluate the best checkpoint (val/R1) on the test split and print the table.",
         )
+
+    def before_instantiate_classes(self) -> None:
+        """``fit --ckpt_path``: log into the run folder the checkpoint belongs to (``last``: the newest one)."""
+        config = self.config.get(self.subcommand) if self.subcommand == "fit" else None
+        if config is None or not config.get("ckpt_path"):
+            return
+        logger = config.trainer.get("logger")
+        init_args = getattr(logger, "init_args", None)
+        if init_args is None or "version" not in init_args or init_args.get("version") is not None:
+            return  # no logger with numbered run folders configured, or a version chosen by the user
+        save_dir = init_args.get("save_dir") or config.trainer.get("default_root_dir") or "."
+        name = init_args.get("name")
+        name = "lightning_logs" if name is None else name
+        found = resume_version(config.ckpt_path, Path(save_dir) / name)
+        if found is not None:
+            config.ckpt_path, init_args.version = found
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":  # not a user's own plugin
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):

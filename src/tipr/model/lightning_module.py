@@ -268,10 +268,14 @@ class TIPRModule(pl.LightningModule):
             self.nonfinite.raise_if_tripped(self._last_checkpoint())
 
     def _last_checkpoint(self) -> str | None:
-        callback = self.trainer.checkpoint_callback
-        if callback is None:
-            return None
-        return callback.last_model_path or callback.best_model_path or None
+        """The newest checkpoint file this run wrote (``last.ckpt`` or the best one), if any."""
+        from tipr.checkpointing import LastCheckpoint
+
+        paths = [c.path for c in self.trainer.callbacks if isinstance(c, LastCheckpoint)] + [
+            getattr(c, attr, None) for c in self.trainer.checkpoint_callbacks for attr in ("last_model_path", "best_model_path")
+        ]
+        existing = [Path(p) for p in paths if p and Path(p).is_file()]
+        return str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else None
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Adam groups: base (lr, wd), boosted (lr * lr_factor, wd), bias (lr * bias_lr_factor, no wd),

@@ -1,0 +1,121 @@
+"""Checkpoints that survive faults: atomic writes, a fresh ``last.ckpt``, and resuming into the same run folder.
+
+- :class:`AtomicCheckpointIO` writes every checkpoint to ``<name>.partial`` in
+  the same folder and renames it into place (``os.replace``), so a process
+  killed while saving leaves the previous file intact.
+- :class:`LastCheckpoint` keeps ``last.ckpt`` fresh: at the end of every
+  training epoch and every ``every_n_minutes`` of training (or every
+  ``every_n_train_steps``), so a killed run loses at most that much work.
+- :func:`resume_version` finds the run folder (``version_N``) a checkpoint
+  belongs to, so a resumed ``tipr fit`` logs into the same folder and its
+  best-checkpoint callback keeps the best-so-far of the first part.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+__all__ = ["AtomicCheckpointIO", "LastCheckpoint", "resume_version"]
+
+_VERSION = re.compile(r"^version_(\d+)$")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` that writes a local checkpoint next to its target and renames it into place."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        fs = get_filesystem(path)
+        if type(fs).__name__ != "LocalFileSystem":  # remote stores have their own transactions
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        import torch
+
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        with open(partial, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, target)
+
+
+class LastCheckpoint(Callback):
+    """Writes ``last.ckpt`` at every training-epoch end and every ``every_n_minutes`` (or ``every_n_train_steps``).
+
+    The file goes to the best-checkpoint callback's folder (the run's ``checkpoints/``),
+    where ``--ckpt_path last`` finds it.
+
+    Args:
+        every_n_minutes: wall-clock minutes of training between saves inside an epoch
+            (``None`` or 0: only at epoch ends, and every ``every_n_train_steps``).
+        every_n_train_steps: also save every this many optimiser steps (``None`` or 0: off).
+    """
+
+    FILENAME = "last.ckpt"
+
+    def __init__(self, every_n_minutes: float | None = 30.0, every_n_train_steps: int | None = None):
+        if every_n_minutes is not None and every_n_minutes < 0:
+            raise ValueError(f"last_checkpoint.every_n_minutes must be >= 0 (or null), got {every_n_minutes}")
+        if every_n_train_steps is not None and every_n_train_steps < 0:
+            raise ValueError(f"last_checkpoint.every_n_train_steps must be >= 0 (or null), got {every_n_train_steps}")
+        self.every_n_seconds = 60.0 * every_n_minutes if every_n_minutes else None
+        self.every_n_train_steps = every_n_train_steps or None
+        self._saved_at = time.monotonic()
+        self.path: Path | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        best = trainer.checkpoint_callback
+        folder = best.dirpath if best is not None and best.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+        self.path = Path(folder) / self.FILENAME
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._saved_at = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        due = bool(self.every_n_train_steps) and trainer.global_step % self.every_n_train_steps == 0
+        if self.every_n_seconds is not None and not due:
+            elapsed = time.monotonic() - self._saved_at >= self.every_n_seconds
+            due = trainer.strategy.broadcast(elapsed)  # every rank must take part in the save
+        if due:
+            self.save(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.save(trainer)
+
+    def save(self, trainer) -> None:
+        """Write ``last.ckpt`` now (a collective under DDP; rank 0 writes)."""
+        trainer.save_checkpoint(self.path)
+        self._saved_at = time.monotonic()
+
+
+def resume_version(ckpt_path: str, log_root: str | os.PathLike) -> tuple[str, int] | None:
+    """``(checkpoint, N)`` when ``ckpt_path`` resumes run folder ``<log_root>/version_N``, else None.
+
+    ``ckpt_path="last"`` picks the highest ``version_N`` under ``log_root`` that has
+    ``checkpoints/last.ckpt``; a path inside ``<log_root>/version_N/`` gives that ``N``.
+    """
+    root = Path(log_root)
+    if ckpt_path == "last":
+        found = [
+            (int(m.group(1)), d / "checkpoints" / "last.ckpt")
+            for d in (root.iterdir() if root.is_dir() else [])
+            if (m := _VERSION.match(d.name)) and (d / "checkpoints" / "last.ckpt").is_file()
+        ]
+        if not found:
+            return None
+        version, path = max(found)
+        return str(path), version
+    path = Path(ckpt_path).resolve()
+    for parent in path.parents:
+        m = _VERSION.match(parent.name)
+        if m and parent.parent == root.resolve():
+            return str(path), int(m.group(1))
+    return None
