@@ -1,14 +1,16 @@
 """TIPRDataModule end to end on a tiny synthetic benchmark: batches, tokens, eval sets, cache, errors."""
 
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 import torch
-from torch.utils.data import RandomSampler
 
 import tipr.data.datamodule as datamodule_module
 from tipr.data import TIPRDataModule
 from tipr.data.datasets import GalleryImages, read_image
 from tipr.data.pruning import prune_captions
-from tipr.data.samplers import IdentitySampler
+from tipr.data.samplers import IdentitySampler, PackedIdentitySampler, RandomOrderSampler
 from tipr.data.synthetic import generate_synthetic
 from tipr.data.transforms import CLIP_MEAN, CLIP_STD, build_eval_transform, build_train_transform
 from tipr.tokenization import tokenize
@@ -37,7 +39,9 @@ def test_train_batches_shapes_labels_and_tokens(root):
     full = tokenize(train.captions, context_length=40)
     pruned = tokenize(prune_captions(train.captions), context_length=40)
     loader = dm.train_dataloader()
-    assert isinstance(loader.sampler, IdentitySampler) and len(loader) == 24 // 8
+    # The default: the reference identity sampler, groups of 1 or 2 per identity.
+    assert isinstance(loader.sampler, IdentitySampler) and loader.sampler.num_instance == 2 and dm.num_instance == 2
+    assert loader.batch_size == 8 and loader.drop_last and 1 <= len(loader) == loader.sampler.num_batches <= 24 // 8
     used = {"full": 0, "pruned": 0}
     for batch in loader:
         assert sorted(batch) == ["images", "index", "pids", "token_ids"]
@@ -74,10 +78,48 @@ def test_random_sampler_and_one_worker(root):
     dm = make(root, sampler="random", num_workers=1)
     dm.setup("fit")
     loader = dm.train_dataloader()
-    assert isinstance(loader.sampler, RandomSampler) and loader.drop_last and loader.persistent_workers
+    assert isinstance(loader.sampler, RandomOrderSampler) and loader.drop_last and loader.persistent_workers
     batches = list(loader)
     assert len(batches) == 3
     assert sorted(torch.cat([b["index"] for b in batches]).tolist()) == sorted(set(torch.cat([b["index"] for b in batches]).tolist()))
+
+
+@pytest.mark.parametrize("sampler", ["identity", "packed_identities", "random"])
+def test_global_batch_is_split_across_processes(root, sampler):
+    """batch_size is the global batch: with a trainer of W processes each rank loads B / W of every global batch."""
+    one = make(root, sampler=sampler, batch_size=8)
+    one.setup("fit")
+    global_plan = one.train_dataloader().sampler.plan()
+    for world in (2, 4):
+        slices = []
+        for rank in range(world):
+            dm = make(root, sampler=sampler, batch_size=8)
+            dm.trainer = SimpleNamespace(world_size=world, global_rank=rank)
+            loader = dm.train_dataloader()
+            assert loader.batch_size == 8 // world and (loader.sampler.num_replicas, loader.sampler.rank) == (world, rank)
+            assert len(loader) == len(global_plan)  # the one-process number of steps on every rank
+            slices.append(torch.stack([b["index"] for b in loader]).numpy())
+        assert np.array_equal(np.concatenate(slices, axis=1), global_plan)
+    dm = make(root, sampler=sampler, batch_size=8)
+    dm.trainer = SimpleNamespace(world_size=3, global_rank=0)
+    with pytest.raises(ValueError, match=r"data.batch_size=8 is the global batch and must be divisible by the number "
+                                         r"of processes, 3 \(trainer.devices x trainer.num_nodes\)"):
+        dm.train_dataloader()
+
+
+def test_packed_identities_sampler(root):
+    dm = make(root, sampler="packed_identities")
+    loader = dm.train_dataloader()
+    assert isinstance(loader.sampler, PackedIdentitySampler) and loader.sampler.num_instance == 2 and len(loader) == 24 // 8
+    batches = list(loader)
+    assert sorted(torch.cat([b["index"] for b in batches]).tolist()) == list(range(24))  # every sample once
+    assert batches[0]["pids"].unique(return_counts=True)[1].tolist() == [2, 2, 2, 2]  # 4 identities x 2
+
+
+def test_too_few_identities_for_the_identity_sampler(root):
+    with pytest.raises(ValueError, match=r"training set has 6 identities, fewer than "
+                                         r"data.batch_size / data.num_instance = 16 / 2 = 8"):
+        make(root, batch_size=16).train_dataloader()
 
 
 def test_eval_sets_are_exactly_the_split(root):
@@ -147,8 +189,11 @@ def test_num_classes_is_lazy_and_a_wrong_root_fails_at_once(tmp_path):
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset 'cuhk'"):
         TIPRDataModule("cuhk", str(tmp_path))
-    with pytest.raises(ValueError, match="sampler must be 'identity' or 'random'"):
+    with pytest.raises(ValueError, match="data.sampler must be one of 'identity', 'packed_identities', 'random', got 'pk'"):
         TIPRDataModule(root=str(tmp_path), sampler="pk")
+    with pytest.raises(ValueError, match="data.batch_size=9 is not a multiple of data.num_instance=2"):
+        TIPRDataModule(root=str(tmp_path), batch_size=9)
+    TIPRDataModule(root=str(tmp_path), batch_size=9, sampler="random")  # the constraint is the identity sampler's
     with pytest.raises(ValueError, match=r"prune_prob must be in \[0, 1\]"):
         TIPRDataModule(root=str(tmp_path), prune_prob=2.0)
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tipr.data.benchmarks import BENCHMARKS, PUBLIC_COUNTS, Benchmark, read_benchmark, read_benchmark_folder, split_table
 from tipr.data.datasets import GalleryImages, QueryCaptions, TrainPairs
 from tipr.data.pruning import TAGGER_ASSET, prune_captions
-from tipr.data.samplers import IdentitySampler
+from tipr.data.samplers import SAMPLERS, local_batch_size
 from tipr.data.synthetic import SyntheticConfig, ensure_synthetic
 from tipr.data.transforms import build_eval_transform, build_train_transform
 from tipr.tokenization import load_tokenizer, tokenize, tokenizer_files
@@ -33,8 +33,9 @@ _CACHE_VERSION = 1
 class TIPRDataModule(L.LightningDataModule):
     """Training pairs, identity-aware batches and evaluation sets for one benchmark.
 
-    Training batches: ``{"images": float32 (B, 3, H, W), "token_ids": int64 (B, L),
-    "pids": int64 (B,) labels 0..num_classes-1, "index": int64 (B,)}``.
+    Training batches: ``{"images": float32 (b, 3, H, W), "token_ids": int64 (b, L),
+    "pids": int64 (b,) labels 0..num_classes-1, "index": int64 (b,)}``, where
+    ``b = batch_size / W`` is this process's slice of the global batch (``W`` processes).
     ``val_dataloader()`` / ``test_dataloader()`` return ``[query_loader, gallery_loader]``:
     caption queries ``{"token_ids", "pids", "index"}`` and gallery images
     ``{"images", "pids", "index"}``, with the benchmark's own identity numbers and
@@ -55,21 +56,39 @@ class TIPRDataModule(L.LightningDataModule):
             ``<root>/synthetic/`` in the CUHK-PEDES format, then read like CUHK-PEDES).
         root: folder holding the dataset folders.
         image_size: model input (H, W).
-        batch_size: training batch size per process.
+        batch_size: the *global* training batch (128 in the recipe). With ``W``
+            processes (``trainer.devices`` x ``trainer.num_nodes``) every rank
+            loads ``batch_size / W`` samples of each global batch, so training
+            steps and batch composition do not depend on ``W``; ``W`` must
+            divide ``batch_size``.
         eval_batch_size: batch size of the evaluation loaders.
         num_workers: loader worker processes (training and gallery loaders; the
             query loader only indexes a tensor and runs in the main process).
         text_length: token context length (77 for CLIP).
         prune_prob: probability that a training sample uses its pruned caption.
-        sampler: ``"identity"`` (batches of identities contributing 1 to
-            ``max_per_identity`` samples each, DDP-aware) or ``"random"``.
-        max_per_identity: most samples of one identity in an identity batch.
+        sampler: how training batches are drawn (:mod:`tipr.data.samplers`):
+            ``"identity"`` (default), the SEN/IRRA reference's identity sampler:
+            every epoch each identity is cut into groups of ``k`` samples, ``k``
+            drawn from 1 to ``num_instance``, and rounds of ``batch_size /
+            num_instance`` random distinct identities add one group each to a
+            stream cut into batches (about 96 identities per batch of 128 on
+            CUHK-PEDES, about half the samples with an in-batch positive);
+            unlike the reference, the stream's last partial batch is dropped.
+            ``"packed_identities"``: batches of distinct identities with at most
+            ``num_instance`` samples each, every sample used once per epoch; a
+            departure from the reference (nearly every sample has an in-batch
+            positive, a different SDM/triplet regime). ``"random"``: a random
+            permutation cut into batches. All three draw each epoch's plan from
+            ``(seed, epoch)`` and split global batches across ranks.
+        num_instance: the identity samplers' group size: at most ``num_instance``
+            samples of an identity per round (``"identity"``, reference 2) or per
+            batch (``"packed_identities"``).
         flip, pad_crop, random_erasing: training augmentations of the recipe.
         tokenizer: ``None`` for the shipped CLIP tokenizer, or a local checkpoint
             folder with tokenizer files (see :func:`tipr.tokenization.load_tokenizer`).
         cache_dir: where the token cache goes (must be writable; if the default
             is not, tokens are computed in memory with a warning).
-        seed: seed of the identity sampler's epoch plans and of caption pruning draws.
+        seed: seed of the training sampler's epoch plans and of caption pruning draws.
         num_train_ids, num_val_ids, num_test_ids, images_per_id, captions_per_image,
         synthetic_image_size: size of the synthetic benchmark (``dataset="synthetic"`` only;
             its own val identities, disjoint from test; ``num_val_ids=0`` validates on test).
@@ -87,8 +106,8 @@ class TIPRDataModule(L.LightningDataModule):
         num_workers: int = 4,
         text_length: int = 77,
         prune_prob: float = 0.2,
-        sampler: Literal["identity", "random"] = "identity",
-        max_per_identity: int = 2,
+        sampler: Literal["identity", "packed_identities", "random"] = "identity",
+        num_instance: int = 2,
         flip: bool = True,
         pad_crop: bool = True,
         random_erasing: bool = True,
@@ -105,14 +124,17 @@ class TIPRDataModule(L.LightningDataModule):
         super().__init__()
         if dataset not in DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
-        if sampler not in ("identity", "random"):
-            raise ValueError(f"sampler must be 'identity' or 'random', got {sampler!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"data.sampler must be one of {', '.join(map(repr, SAMPLERS))}, got {sampler!r}")
         if len(image_size) != 2 or min(image_size) < 1:
             raise ValueError(f"image_size must be (height, width) with positive values, got {image_size!r}")
         if not 0.0 <= prune_prob <= 1.0:
             raise ValueError(f"prune_prob must be in [0, 1], got {prune_prob}")
-        if min(batch_size, eval_batch_size, max_per_identity) < 1 or num_workers < 0 or text_length < 2:
-            raise ValueError("batch sizes and max_per_identity must be >= 1, num_workers >= 0, text_length >= 2")
+        if min(batch_size, eval_batch_size, num_instance) < 1 or num_workers < 0 or text_length < 2:
+            raise ValueError("batch sizes and num_instance must be >= 1, num_workers >= 0, text_length >= 2")
+        if sampler == "identity" and batch_size % num_instance:
+            raise ValueError(f"sampler 'identity': data.batch_size={batch_size} is not a multiple of "
+                             f"data.num_instance={num_instance}")
         self.save_hyperparameters()
         self.dataset = dataset
         self.root = Path(root)
@@ -123,7 +145,7 @@ class TIPRDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.prune_prob = prune_prob
         self.sampler = sampler
-        self.max_per_identity = max_per_identity
+        self.num_instance = num_instance
         self.augment = {"flip": flip, "pad_crop": pad_crop, "random_erasing": random_erasing}
         self.tokenizer = tokenizer
         self.cache_dir = cache_dir
@@ -271,13 +293,23 @@ class TIPRDataModule(L.LightningDataModule):
             "pin_memory": torch.cuda.is_available(),
         }
 
+    def world(self) -> tuple[int, int]:
+        """(number of processes, this process's rank): from the trainer when attached, else torch.distributed, else (1, 0)."""
+        if self.trainer is not None:
+            return self.trainer.world_size, self.trainer.global_rank
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return 1, 0
+
     def train_dataloader(self) -> DataLoader:
+        """Training batches of ``batch_size / W`` samples: this rank's slice of each global batch."""
         if self.train_set is None:
             self.setup("fit")
-        if self.sampler == "identity":
-            sampler = IdentitySampler(self.train_set.labels, self.batch_size, self.max_per_identity, seed=self.seed)
-            return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True, **self._loader_options())
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True, **self._loader_options())
+        world, rank = self.world()
+        per_rank = local_batch_size(self.batch_size, world)  # names the options if W does not divide batch_size
+        sampler = SAMPLERS[self.sampler](self.train_set.labels, self.batch_size, self.num_instance,
+                                         num_replicas=world, rank=rank, seed=self.seed)
+        return DataLoader(self.train_set, batch_size=per_rank, sampler=sampler, drop_last=True, **self._loader_options())
 
     def _eval_loaders(self, stage: str) -> list[DataLoader]:
         split_name = self.eval_split(stage)
