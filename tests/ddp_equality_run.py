@@ -3,8 +3,9 @@
     python tests/ddp_equality_run.py --devices 2 --root DATA --out OUT.pt
 
 Every run starts from the same weights (seed 0) and reads the same synthetic
-benchmark with augmentation and pruning off, so the global batches are the same
-whatever the number of processes. Rank 0 writes the logged losses of each step
+benchmark; the sampler's plan and each sample's augmentation and pruning draws
+are functions of (seed, epoch, plan position), so the global batches are the
+same whatever the number of processes. Rank 0 writes the logged losses of each step
 and the network's weights before the first and after the last step to ``--out``.
 """
 
@@ -23,10 +24,11 @@ STEPS = 3
 
 
 def data_module(root: str) -> TIPRDataModule:
-    """12 identities x 2 images x 2 captions = 48 pairs; global batch 8 (6 steps an epoch)."""
+    """12 identities x 2 images x 2 captions = 48 pairs; global batch 8. Augmentation and pruning on:
+    each sample's draws come from its plan position's seed, whatever the number of processes."""
     return TIPRDataModule(
-        "synthetic", root, image_size=(32, 16), batch_size=8, num_workers=0, text_length=24, prune_prob=0.0,
-        flip=False, pad_crop=False, random_erasing=False, num_train_ids=12, num_val_ids=0, num_test_ids=2,
+        "synthetic", root, image_size=(32, 16), batch_size=8, num_workers=0, text_length=24, prune_prob=0.5,
+        num_train_ids=12, num_val_ids=0, num_test_ids=2,
         images_per_id=2, captions_per_image=2, synthetic_image_size=(64, 32),
     )
 

@@ -229,3 +229,41 @@ def test_read_image_is_rgb(tmp_path):
     Image.new("L", (5, 7), 100).save(tmp_path / "gray.png")
     image = read_image(tmp_path / "gray.png")
     assert image.shape == (3, 7, 5) and image.dtype == torch.uint8 and int(image[1, 0, 0]) == 100
+
+
+def test_sample_draws_depend_on_the_plan_position_only_and_a_resumed_epoch_continues_exactly(root):
+    """Augmentation and pruning come from a per-position seed: the same batches with 0 or 2 loader
+    workers, and a loader resumed after 1 batch (its saved state) yields the uninterrupted batches 2 and 3."""
+    def batches(num_workers, state=None):
+        dm = make(root, prune_prob=0.5, num_workers=num_workers, sampler="random")  # 3 batches of 8
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(3)
+        if state is not None:
+            loader.load_state_dict(state)
+        return list(loader)
+
+    plain = batches(0)
+    assert len(plain) == 3
+    for other in (batches(2), batches(0)):
+        for a, b in zip(plain, other, strict=True):
+            assert torch.equal(a["index"], b["index"]) and torch.equal(a["images"], b["images"])
+            assert torch.equal(a["token_ids"], b["token_ids"])
+    # Augmentation is really on: the images are not the plain resized crops.
+    dm = make(root)
+    dm.setup("fit")
+    plain_transform = build_eval_transform((48, 16))
+    unaugmented = torch.stack([plain_transform(dm.train_set.images.load(int(dm.train_set.caption_images[i])))
+                               for i in plain[0]["index"]])
+    assert not torch.allclose(unaugmented, plain[0]["images"])
+    # Resumed after one trained batch of epoch 3: exactly the uninterrupted batches 2 and 3.
+    resumed = batches(0, state={"epoch": 3, "batches_done": 1})
+    assert len(resumed) == 2
+    for a, b in zip(plain[1:], resumed, strict=True):
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["token_ids"], b["token_ids"])
+    # The saved state names the epoch; without a trainer no batch counts as done.
+    dm = make(root)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(5)
+    assert loader.state_dict() == {"epoch": 5, "batches_done": 0}

@@ -30,6 +30,25 @@ SYNTHETIC_FORMAT = "CUHK-PEDES"
 _CACHE_VERSION = 1
 
 
+class ResumableLoader(DataLoader):
+    """The training loader, with the state Lightning saves in a checkpoint: the epoch and the batches done.
+
+    Lightning stores ``state_dict()`` with every checkpoint and hands it back to
+    ``load_state_dict`` when a run resumes, so the sampler restarts that epoch
+    right after the last trained batch (with the same plan and the same
+    per-sample seeds): a resumed run sees the batches an uninterrupted one would.
+    ``batches_done`` is set by the data module (a callable).
+    """
+
+    batches_done = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self.sampler.epoch), "batches_done": int(self.batches_done() if self.batches_done else 0)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.resume_at(state["epoch"], state["batches_done"])
+
+
 class TIPRDataModule(L.LightningDataModule):
     """Training pairs, identity-aware batches and evaluation sets for one benchmark.
 
@@ -308,8 +327,15 @@ class TIPRDataModule(L.LightningDataModule):
         world, rank = self.world()
         per_rank = local_batch_size(self.batch_size, world)  # names the options if W does not divide batch_size
         sampler = SAMPLERS[self.sampler](self.train_set.labels, self.batch_size, self.num_instance,
-                                         num_replicas=world, rank=rank, seed=self.seed)
-        return DataLoader(self.train_set, batch_size=per_rank, sampler=sampler, drop_last=True, **self._loader_options())
+                                         num_replicas=world, rank=rank, seed=self.seed, sample_seeds=True)
+        loader = ResumableLoader(self.train_set, batch_size=per_rank, sampler=sampler, drop_last=True,
+                                 **self._loader_options())
+        loader.batches_done = self._batches_done
+        return loader
+
+    def _batches_done(self) -> int:
+        """Training batches completed (stepped) in the current epoch, from the trainer's progress counter."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer is not None else 0
 
     def _eval_loaders(self, stage: str) -> list[DataLoader]:
         split_name = self.eval_split(stage)

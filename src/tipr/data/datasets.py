@@ -49,9 +49,15 @@ class TrainPairs(Dataset):
     """One sample per (image, caption) pair of the training split.
 
     With probability ``prune_prob`` a sample's caption is replaced by its pruned
-    form (both tokenized beforehand). The draw uses a generator per loader
-    worker, seeded from the worker's seed (hence from Lightning's
-    ``seed_everything(workers=True)`` and the epoch), not the global random state.
+    form (both tokenized beforehand).
+
+    Randomness: indexed by ``(i, seed)`` (what a sampler built with
+    ``sample_seeds=True`` yields), sample ``i``'s augmentation and pruning draw
+    come from ``seed`` alone, so they do not depend on the loader worker, the
+    number of workers or processes, or where a resumed run restarted; the
+    process's global random state is left as it was. Indexed by ``i`` alone, the
+    draws use the loader worker's random state (seeded by Lightning's
+    ``seed_everything(workers=True)``).
 
     Returns ``{"images": float32 (3, H, W), "token_ids": int64 (L,), "pids": int64 label, "index": int}``.
     """
@@ -96,11 +102,19 @@ class TrainPairs(Dataset):
             self._rng, self._rng_seed = random.Random(seed), seed
         return self._rng
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        i, seed = item if isinstance(item, tuple) else (item, None)
         image = self.images.load(int(self.caption_images[i]))
-        if self.transform is not None:
-            image = self.transform(image)
-        pruned = self.prune_prob > 0 and self._generator().random() < self.prune_prob
+        if seed is None:
+            if self.transform is not None:
+                image = self.transform(image)
+            pruned = self.prune_prob > 0 and self._generator().random() < self.prune_prob
+        else:
+            if self.transform is not None:
+                with torch.random.fork_rng(devices=[]):  # torchvision draws from the global CPU generator
+                    torch.manual_seed(seed)
+                    image = self.transform(image)
+            pruned = self.prune_prob > 0 and random.Random(seed).random() < self.prune_prob
         tokens = (self.pruned_tokens if pruned else self.tokens)[i]
         return {"images": image, "token_ids": tokens.long(), "pids": self.labels[i], "index": i}
 

@@ -37,6 +37,13 @@ The samplers are :class:`torch.utils.data.DistributedSampler` subclasses, so
 Lightning (``use_distributed_sampler=True``) leaves them in place instead of
 wrapping them in its own, and calls :meth:`~GlobalBatchSampler.set_epoch`
 before every epoch.
+
+For exact, worker- and process-count-independent randomness, a sampler built
+with ``sample_seeds=True`` yields ``(index, seed)`` pairs: each plan position
+gets its own seed, drawn from ``(seed, epoch)``, which the dataset uses for
+that sample's augmentation and pruning draw (:class:`tipr.data.datasets.TrainPairs`).
+:meth:`~GlobalBatchSampler.resume_at` starts an epoch after its first batches,
+for a run resumed in the middle of an epoch.
 """
 
 from __future__ import annotations
@@ -241,6 +248,7 @@ class GlobalBatchSampler(DistributedSampler):
         num_replicas, rank: the process group's size ``W`` and this process's rank;
             read from ``torch.distributed`` when ``None`` (1 and 0 without it).
         seed: the plan of epoch ``e`` is a function of ``(seed, e)`` only (the same on all ranks).
+        sample_seeds: yield ``(index, sample seed)`` pairs instead of indices (see the module docstring).
     """
 
     name = ""
@@ -252,6 +260,7 @@ class GlobalBatchSampler(DistributedSampler):
         num_replicas: int | None = None,
         rank: int | None = None,
         seed: int = 0,
+        sample_seeds: bool = False,
     ):
         world, this = _default_world()
         num_replicas = world if num_replicas is None else int(num_replicas)
@@ -261,7 +270,9 @@ class GlobalBatchSampler(DistributedSampler):
                          drop_last=True)
         self.batch_size = int(batch_size)
         self.local_batch_size = local_batch_size(self.batch_size, self.num_replicas)
+        self.sample_seeds = bool(sample_seeds)
         self._cache: tuple[int, np.ndarray] | None = None
+        self._resume: tuple[int, int] | None = None  # (epoch, global batches already trained)
         self.plan()  # validates the options on construction (epoch 0)
 
     def build_plan(self, seed: Seed) -> np.ndarray:
@@ -284,8 +295,25 @@ class GlobalBatchSampler(DistributedSampler):
         lo = self.rank * self.local_batch_size
         return self.plan()[:, lo : lo + self.local_batch_size]
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.local_plan().reshape(-1).tolist())
+    def seeds(self) -> np.ndarray:
+        """One seed per position of this epoch's plan, ``(num_batches, batch_size)``, from ``(seed, epoch)``."""
+        return _rng((self.seed, self.epoch, 1)).integers(0, 2**62, size=self.plan().shape)
+
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """Make the next pass over ``epoch`` start at global batch ``batches_done`` (once)."""
+        self._resume = (int(epoch), int(batches_done))
+
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
+        start = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            start = self._resume[1]
+        self._resume = None
+        lo = self.rank * self.local_batch_size
+        mine = slice(lo, lo + self.local_batch_size)
+        indices = self.plan()[start:, mine].reshape(-1).tolist()
+        if not self.sample_seeds:
+            return iter(indices)
+        return zip(indices, self.seeds()[start:, mine].reshape(-1).tolist())
 
     def __len__(self) -> int:
         return self.num_batches * self.local_batch_size
@@ -300,9 +328,9 @@ class IdentitySampler(GlobalBatchSampler):
     name = "identity"
 
     def __init__(self, pids, batch_size: int, num_instance: int = 2, num_replicas: int | None = None,
-                 rank: int | None = None, seed: int = 0):
+                 rank: int | None = None, seed: int = 0, sample_seeds: bool = False):
         self.num_instance = int(num_instance)
-        super().__init__(pids, batch_size, num_replicas, rank, seed)
+        super().__init__(pids, batch_size, num_replicas, rank, seed, sample_seeds)
 
     def build_plan(self, seed: Seed) -> np.ndarray:
         return reference_identity_batches(self.pids, self.batch_size, self.num_instance, seed)
@@ -324,8 +352,8 @@ class RandomOrderSampler(GlobalBatchSampler):
     name = "random"
 
     def __init__(self, pids, batch_size: int, num_instance: int = 2, num_replicas: int | None = None,
-                 rank: int | None = None, seed: int = 0):
-        super().__init__(pids, batch_size, num_replicas, rank, seed)  # num_instance: unused, same signature
+                 rank: int | None = None, seed: int = 0, sample_seeds: bool = False):
+        super().__init__(pids, batch_size, num_replicas, rank, seed, sample_seeds)  # num_instance: unused
 
     def build_plan(self, seed: Seed) -> np.ndarray:
         return random_batches(self.pids.size, self.batch_size, seed)
