@@ -96,11 +96,15 @@ class LastCheckpoint(Callback):
         self._saved_at = time.monotonic()
 
 
-def resume_version(ckpt_path: str, log_root: str | os.PathLike) -> tuple[str, int] | None:
+def resume_version(
+    ckpt_path: str, log_root: str | os.PathLike, hpc_dir: str | os.PathLike | None = None
+) -> tuple[str, int] | None:
     """``(checkpoint, N)`` when ``ckpt_path`` resumes run folder ``<log_root>/version_N``, else None.
 
     ``ckpt_path="last"`` picks the highest ``version_N`` under ``log_root`` that has
-    ``checkpoints/last.ckpt``; a path inside ``<log_root>/version_N/`` gives that ``N``.
+    ``checkpoints/last.ckpt``, or the ``hpc_ckpt_*.ckpt`` in ``hpc_dir`` when that is
+    newer (Lightning writes it when SLURM signals a requeue; it belongs to the newest
+    run); a path inside ``<log_root>/version_N/`` gives that ``N``.
     """
     root = Path(log_root)
     if ckpt_path == "last":
@@ -112,6 +116,9 @@ def resume_version(ckpt_path: str, log_root: str | os.PathLike) -> tuple[str, in
         if not found:
             return None
         version, path = max(found)
+        hpc = sorted(Path(hpc_dir).glob("hpc_ckpt_*.ckpt"), key=lambda p: p.stat().st_mtime) if hpc_dir else []
+        if hpc and hpc[-1].stat().st_mtime > path.stat().st_mtime:
+            path = hpc[-1]
         return str(path), version
     path = Path(ckpt_path).resolve()
     for parent in path.parents:

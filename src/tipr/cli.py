@@ -33,6 +33,7 @@ The optimiser and schedule are the SEN recipe, owned by ``TIPRModule`` (its
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -109,9 +110,17 @@ class TIPRCLI(LightningCLI):
         save_dir = init_args.get("save_dir") or config.trainer.get("default_root_dir") or "."
         name = init_args.get("name")
         name = "lightning_logs" if name is None else name
-        found = resume_version(config.ckpt_path, Path(save_dir) / name)
-        if found is not None:
-            config.ckpt_path, init_args.version = found
+        found = resume_version(config.ckpt_path, Path(save_dir) / name, config.trainer.get("default_root_dir") or ".")
+        if found is None:
+            return
+        config.ckpt_path, init_args.version = found
+        # The CSV logger starts metrics.csv afresh in an existing folder: keep the first part's beside it.
+        metrics = Path(save_dir) / name / f"version_{init_args.version}" / "metrics.csv"
+        if metrics.is_file() and os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":
+            part = 1
+            while metrics.with_name(f"metrics.part{part}.csv").exists():
+                part += 1
+            os.replace(metrics, metrics.with_name(f"metrics.part{part}.csv"))
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)

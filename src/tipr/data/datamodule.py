@@ -46,7 +46,13 @@ class ResumableLoader(DataLoader):
         return {"epoch": int(self.sampler.epoch), "batches_done": int(self.batches_done() if self.batches_done else 0)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.sampler.resume_at(state["epoch"], state["batches_done"])
+        # Lightning creates the resumed epoch's iterator before it calls set_epoch, so set it here.
+        epoch, done = int(state["epoch"]), int(state["batches_done"])
+        self.sampler.set_epoch(epoch)
+        if done >= self.sampler.num_batches:  # saved at the epoch's end: the next epoch starts afresh
+            self.sampler.set_epoch(epoch + 1)
+        else:
+            self.sampler.resume_at(epoch, done)
 
 
 class TIPRDataModule(L.LightningDataModule):

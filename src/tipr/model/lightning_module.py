@@ -176,6 +176,7 @@ class TIPRModule(pl.LightningModule):
         self.boosted_modules = self._check_boosted(boosted_modules)
         self.boosted_bias_modules = self._check_boosted(boosted_bias_modules)
         self._noise_generator: torch.Generator | None = None
+        self._schedule: tuple[int, float] | None = None  # (total steps, warm-up steps), set at on_train_start
         if nonfinite_check_interval < 1:
             raise ValueError(f"nonfinite_check_interval must be >= 1 step, got {nonfinite_check_interval}")
         active = [name for name in LOSS_NAMES if self.network.loss_weights[name] > 0]
@@ -208,6 +209,22 @@ class TIPRModule(pl.LightningModule):
         return tuple(prefixes)
 
     # ------------------------------------------------------------ training
+    def lr_factor(self, step: int) -> float:
+        """The LR multiplier of optimiser step ``step`` (:func:`warmup_cosine_factor` over the run's steps)."""
+        hp = self.hparams
+        if self._schedule is None:  # before on_train_start: only step 0 is asked for
+            return hp.warmup_factor if hp.warmup_epochs > 0 else 1.0
+        total, warmup = self._schedule
+        return warmup_cosine_factor(step, total, warmup, hp.warmup_factor)
+
+    def on_train_start(self) -> None:
+        trainer = self.trainer
+        total = max(1, int(trainer.estimated_stepping_batches))
+        per_epoch = trainer.num_training_batches / max(1, trainer.accumulate_grad_batches)
+        if not math.isfinite(per_epoch) or per_epoch <= 0:
+            per_epoch = total / max(1, trainer.max_epochs or 1)
+        self._schedule = (total, self.hparams.warmup_epochs * per_epoch)
+
     def on_fit_start(self) -> None:
         precision = str(self.trainer.precision)
         if self.hparams.reference_fp16_weights and precision not in ("32-true", "32"):
@@ -308,15 +325,10 @@ class TIPRModule(pl.LightningModule):
         optimizer = torch.optim.Adam(
             self.parameter_groups(), betas=(0.9, 0.999), eps=hp.adam_eps, fused=fused or None
         )
-        trainer = self.trainer
-        total = max(1, int(trainer.estimated_stepping_batches))
-        per_epoch = trainer.num_training_batches / max(1, trainer.accumulate_grad_batches)
-        if not math.isfinite(per_epoch) or per_epoch <= 0:
-            per_epoch = total / max(1, trainer.max_epochs or 1)
-        warmup = hp.warmup_epochs * per_epoch
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine_factor(step, total, warmup, hp.warmup_factor)
-        )
+        # The curve's length is read when training starts (on_train_start), not here: asking the trainer
+        # for its step count now would set up the training loader before a resumed run's loop state
+        # (and the loader's position) is restored.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---------------------------------------------------------- evaluation
