@@ -267,3 +267,68 @@ def test_sample_draws_depend_on_the_plan_position_only_and_a_resumed_epoch_conti
     loader = dm.train_dataloader()
     loader.sampler.set_epoch(5)
     assert loader.state_dict() == {"epoch": 5, "batches_done": 0}
+
+
+RACE = """
+import json, sys, time
+import tipr.data.datamodule as dm_module
+from tipr.data import TIPRDataModule
+
+calls = []
+real = dm_module.prune_captions
+def slow_prune(captions):
+    calls.append(1)
+    time.sleep(1.0)  # widen the window in which the other process could start computing too
+    return real(captions)
+dm_module.prune_captions = slow_prune
+dm = TIPRDataModule(dataset="synthetic", root=sys.argv[1], image_size=(48, 16), batch_size=8, num_workers=0,
+                    text_length=33, num_train_ids=6, num_val_ids=2, num_test_ids=3, images_per_id=2,
+                    captions_per_image=2, synthetic_image_size=(64, 32))
+dm.benchmark  # read the data first, so both processes reach the cache together
+start = sys.argv[2]
+while time.time() < float(start):
+    time.sleep(0.01)
+tokens = dm.caption_tokens()
+print(json.dumps({"computed": len(calls), "sum": int(sum(t.long().sum() for e in tokens.values() for t in e.values()))}))
+"""
+
+
+def test_two_processes_starting_together_write_the_token_cache_once(root):
+    """Two runs on one data folder (text_length 33: a cache nobody wrote yet): one computes, the other
+    waits for it and reads the same tokens; one cache file, no temporary left."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    start = str(time.time() + 4.0)
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(root), start], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert sorted(r["computed"] for r in results) == [0, 1]
+    assert results[0]["sum"] == results[1]["sum"]
+    cache = root / "synthetic" / ".tipr_cache"
+    assert len(list(cache.glob("tokens-*.pt"))) == 2  # the module fixture's (text_length 40) and this one
+    assert not list(cache.glob("*.tmp"))
+
+
+def test_a_cache_of_another_layout_or_version_is_rebuilt_not_misread(tmp_path, monkeypatch):
+    make(tmp_path).prepare_data()
+    (path,) = (tmp_path / "synthetic" / ".tipr_cache").glob("tokens-*.pt")
+    good = torch.load(path, weights_only=True)
+    # Same file name and key, but an older layout (no pruned tokens, other width): rebuilt.
+    broken = {"key": good["key"], "splits": {name: {"tokens": e["tokens"][:, :10]} for name, e in good["splits"].items()}}
+    torch.save(broken, path)
+    again = make(tmp_path).caption_tokens()
+    assert all(torch.equal(again[n][k], good["splits"][n][k]) for n in again for k in again[n])
+    assert torch.load(path, weights_only=True)["splits"]["train"]["pruned"].shape == good["splits"]["train"]["pruned"].shape
+    # Another tipr version is another key, hence another file: never read as this version's.
+    import tipr
+
+    monkeypatch.setattr(tipr, "__version__", "9.9.9")
+    make(tmp_path).caption_tokens()
+    assert len(list((tmp_path / "synthetic" / ".tipr_cache").glob("tokens-*.pt"))) == 2
