@@ -347,6 +347,7 @@ class TIPRDataModule(L.LightningDataModule):
                 prune_prob=self.prune_prob,
                 seed=self.seed,
             )
+            self.train_sampler()  # refuse now, before any work, a batch the sampler or the processes cannot split
         stages = {None: ("validate", "test"), "fit": ("validate",), "validate": ("validate",), "test": ("test",)}.get(stage, ())
         for eval_stage in stages:
             split_name = self.eval_split(eval_stage)
@@ -379,14 +380,19 @@ class TIPRDataModule(L.LightningDataModule):
         """Training batches of ``batch_size / W`` samples: this rank's slice of each global batch."""
         if self.train_set is None:
             self.setup("fit")
-        world, rank = self.world()
-        per_rank = local_batch_size(self.batch_size, world)  # names the options if W does not divide batch_size
-        sampler = SAMPLERS[self.sampler](self.train_set.labels, self.batch_size, self.num_instance,
-                                         num_replicas=world, rank=rank, seed=self.seed, sample_seeds=True)
-        loader = ResumableLoader(self.train_set, batch_size=per_rank, sampler=sampler, drop_last=True,
-                                 **self._loader_options())
+        sampler = self.train_sampler()
+        loader = ResumableLoader(self.train_set, batch_size=sampler.local_batch_size, sampler=sampler,
+                                 drop_last=True, **self._loader_options())
         loader.batches_done = self._batches_done
         return loader
+
+    def train_sampler(self):
+        """This process's sampler of the global training batches; raises ``ValueError`` naming the option
+        when the batch does not divide by the processes or the sampler cannot fill it."""
+        world, rank = self.world()
+        local_batch_size(self.batch_size, world)  # names the options if W does not divide batch_size
+        return SAMPLERS[self.sampler](self.train_set.labels, self.batch_size, self.num_instance,
+                                      num_replicas=world, rank=rank, seed=self.seed, sample_seeds=True)
 
     def _batches_done(self) -> int:
         """Training batches completed (stepped) in the current epoch, from the trainer's progress counter."""

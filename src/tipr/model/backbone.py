@@ -106,7 +106,7 @@ def build_clip(backbone: str | Mapping[str, Any], text_length: int = 77):
             )
         except OSError as err:
             raise OSError(
-                f"could not load the CLIP backbone {backbone!r} (expected a preset {sorted(BACKBONE_PRESETS)}, "
+                f"could not load the CLIP backbone model.backbone={backbone!r} (expected a preset {sorted(BACKBONE_PRESETS)}, "
                 f"a local CLIP checkpoint folder or a Hugging Face hub id): {err}"
             ) from err
     _check_text_length(model.config, text_length)
