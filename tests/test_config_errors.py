@@ -94,3 +94,29 @@ def test_a_hub_id_without_network(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as on an offline compute node
     with pytest.raises(OSError, match=r"model\.backbone='openai/clip-vit-base-patch16'.*hub id"):
         module(backbone="openai/clip-vit-base-patch16")
+
+
+def test_a_tokenizer_that_does_not_fit_the_backbone_is_named_once_at_fit_start(root, monkeypatch):
+    """The shipped CLIP tokenizer's ids (up to 49407) against a 1,000-id text encoder: refused when fit
+    starts, before a step. With fitting tables, training steps skip the per-batch checks (host syncs)."""
+    import lightning.pytorch as pl
+
+    dm = data(root)
+    small_vocab = {"text_config": {"vocab_size": 1000, "eos_token_id": 999, "bos_token_id": 998,
+                                   "max_position_embeddings": 16}, "vision_config": {"patch_size": 8, "image_size": 32}}
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    with pytest.raises(ValueError, match=r"synthetic train captions \(tokens\) do not fit model\.backbone's text encoder"):
+        trainer.fit(module(backbone=small_vocab, num_classes=6), datamodule=dm)
+
+    net = module(num_classes=6)
+    calls = []
+    monkeypatch.setattr(net.network, "check_token_ids", lambda ids: calls.append(ids.shape))
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=0)
+    dm = data(root)
+    trainer.fit(net, datamodule=dm)
+    assert trainer.global_step == 2
+    tables = [ids.shape for entry in dm.caption_tokens().values() for ids in entry.values()]
+    assert calls == tables  # each whole table once at fit start, no batch checked in the 2 steps

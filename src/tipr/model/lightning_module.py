@@ -177,6 +177,7 @@ class TIPRModule(pl.LightningModule):
         self.boosted_bias_modules = self._check_boosted(boosted_bias_modules)
         self._noise_generator: torch.Generator | None = None
         self._schedule: tuple[int, float] | None = None  # (total steps, warm-up steps), set at on_train_start
+        self._data_checked = False  # the data module's token tables and labels fit the network
         if nonfinite_check_interval < 1:
             raise ValueError(f"nonfinite_check_interval must be >= 1 step, got {nonfinite_check_interval}")
         active = [name for name in LOSS_NAMES if self.network.loss_weights[name] > 0]
@@ -225,7 +226,34 @@ class TIPRModule(pl.LightningModule):
             per_epoch = total / max(1, trainer.max_epochs or 1)
         self._schedule = (total, self.hparams.warmup_epochs * per_epoch)
 
+    def check_training_data(self, datamodule) -> bool:
+        """Validate a :class:`~tipr.data.TIPRDataModule`'s caption token tables and training labels once.
+
+        Every token table must fit the text encoder (ids inside its vocabulary, an
+        end-of-text token per caption) and the labels the ID classifier, which
+        lets the training steps skip the per-batch checks (host syncs). Returns
+        False for other data modules, whose batches stay checked per step.
+        """
+        tables = getattr(datamodule, "caption_tokens", None)
+        train_set = getattr(datamodule, "train_set", None)
+        if not callable(tables) or train_set is None:
+            return False
+        for split, entry in tables().items():
+            for kind, token_ids in entry.items():
+                try:
+                    self.network.check_token_ids(token_ids)
+                except ValueError as e:
+                    raise ValueError(
+                        f"{getattr(datamodule, 'dataset', 'the data')} {split} captions ({kind}) do not fit "
+                        f"model.backbone's text encoder: {e}; expected the backbone's own tokenizer (data.tokenizer)"
+                    ) from e
+        classes = self.network.classifier.out_features if self.network.classifier is not None else None
+        if classes is not None and len(train_set.labels) and int(train_set.labels.max()) >= classes:
+            raise ValueError(f"training labels reach {int(train_set.labels.max())} but model.num_classes={classes}")
+        return True
+
     def on_fit_start(self) -> None:
+        self._data_checked = self.check_training_data(self.trainer.datamodule)
         precision = str(self.trainer.precision)
         if self.hparams.reference_fp16_weights and precision not in ("32-true", "32"):
             raise ValueError(
@@ -255,7 +283,9 @@ class TIPRModule(pl.LightningModule):
         batch_size = batch["images"].shape[0]
         trainer = self.trainer
         noise = self.tir_noise(batch_size, self.current_epoch, batch_idx, trainer.world_size, trainer.global_rank)
-        losses = self.network(batch["images"], batch["token_ids"], batch["pids"], noise=noise)
+        # Inputs were validated once at fit start (check_training_data): no host sync per step here.
+        losses = self.network(batch["images"], batch["token_ids"], batch["pids"], noise=noise,
+                              check_inputs=not self._data_checked)
         # Logged: the global batch's losses. The batch-level terms are equal on every rank;
         # the per-sample ones are rank means, averaged here in one collective (no host sync).
         names = self.nonfinite.names[:-1]  # the loss terms and the total

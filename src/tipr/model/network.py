@@ -194,9 +194,13 @@ class SENNetwork(nn.Module):
         x = vision.encoder(inputs_embeds=x).last_hidden_state
         return self.clip.visual_projection(vision.post_layernorm(x))  # (B, 1 + K, D)
 
-    def text_tokens(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token features ``(B, L, D)`` (final norm + projection) and the end-of-text position ``(B,)``."""
-        self.check_token_ids(token_ids)
+    def text_tokens(self, token_ids: torch.Tensor, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token features ``(B, L, D)`` (final norm + projection) and the end-of-text position ``(B,)``.
+
+        ``check``: validate ``token_ids`` first (:meth:`check_token_ids`, one host sync).
+        """
+        if check:
+            self.check_token_ids(token_ids)
         hidden = self.clip.text_model(input_ids=token_ids).last_hidden_state  # (B, L, W), final-normed
         eot = (token_ids == self.eot_token_id).int().argmax(dim=1)  # first end-of-text token
         return self.clip.text_projection(hidden), eot
@@ -252,6 +256,7 @@ class SENNetwork(nn.Module):
         token_ids: torch.Tensor,
         pids: torch.Tensor,
         noise: torch.Tensor | None = None,
+        check_inputs: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Training losses for a batch of paired images and captions.
 
@@ -259,6 +264,8 @@ class SENNetwork(nn.Module):
             images: ``(B, 3, H, W)``; token_ids: ``(B, L)`` zero-padded CLIP ids;
             pids: ``(B,)`` identity labels ``0 .. num_classes - 1``.
             noise: ``(B, N)`` TIR masking noise (see :meth:`restore`); fresh when None.
+            check_inputs: validate the token ids and identity labels (a host sync); a
+                trainer whose data were validated once turns it off for speed.
 
         Under ``torch.distributed`` the batch-level losses (``sdm``, ``tri``, ``itc``)
         are computed over the gathered global batch (equal on every rank) and the
@@ -269,15 +276,15 @@ class SENNetwork(nn.Module):
             ``{"loss": weighted sum, "<name>": unweighted loss for each loss with weight > 0}``.
         """
         with self.precision_context(images.device):
-            return self._losses(images, token_ids, pids, noise)
+            return self._losses(images, token_ids, pids, noise, check_inputs)
 
-    def _losses(self, images, token_ids, pids, noise) -> dict[str, torch.Tensor]:
+    def _losses(self, images, token_ids, pids, noise, check_inputs) -> dict[str, torch.Tensor]:
         if pids.shape != (images.shape[0],) or token_ids.shape[0] != images.shape[0]:
             raise ValueError(
                 f"batch sizes differ: images {tuple(images.shape)}, token_ids {tuple(token_ids.shape)}, "
                 f"pids {tuple(pids.shape)}"
             )
-        if self.classifier is not None:
+        if self.classifier is not None and check_inputs:
             low, high = torch.stack([pids.min(), pids.max()]).tolist()
             if low < 0 or high >= self.classifier.out_features:
                 raise ValueError(
@@ -286,7 +293,7 @@ class SENNetwork(nn.Module):
                 )
         w = self.loss_weights
         image_features = self.encode_image(images).float()  # (B, D)
-        text_tokens, eot = self.text_tokens(token_ids)  # (B, L, D), (B,)
+        text_tokens, eot = self.text_tokens(token_ids, check=check_inputs)  # (B, L, D), (B,)
         text_features = text_tokens[torch.arange(text_tokens.shape[0], device=eot.device), eot].float()  # (B, D)
 
         losses: dict[str, torch.Tensor] = {}
