@@ -43,14 +43,27 @@ def test_toy_images_hold_colour_only_in_the_caption(experiment):
 
 
 def test_true_captions_restore_better_than_shuffled_ones(experiment):
+    """Text guidance is learnt, by a margin far wider than build-to-build noise.
+
+    A model that ignores the text can do no better on these isoluminant colours
+    than predicting zero colour: masked-patch MSE 0.37, the chance level here
+    (0.70 before training). After these 300 steps, in 14 runs (seeds 0-9 with
+    ATEN_CPU_CAPABILITY=avx512; seeds 0 and 4 with default, avx2 and avx512),
+    the true captions' error measured 0.05-0.22 (mean 0.11, sd 0.05): at most
+    0.58 of chance, 0.40 of the shuffled captions' error and 0.54 of the
+    colourless caption's. The test asserts 0.7, 0.6 and 0.8; the first bound,
+    0.26, is 2.8 sd above the mean. (At 100 steps the true captions reached only
+    0.33 against 0.39 shuffled; at lr 1e-3 one seed in eight had learnt no text
+    guidance after 200 steps.)
+    """
     threads = torch.get_num_threads()
     try:
         errors = experiment.main(
-            ["--steps", "100", "--batch-size", "16", "--train-size", "256", "--eval-size", "64", "--lr", "1e-3",
+            ["--steps", "300", "--batch-size", "16", "--train-size", "256", "--eval-size", "64", "--lr", "5e-4",
              "--image-size", "32", "16", "--threads", "1"]
         )
     finally:
         torch.set_num_threads(threads)
-    assert errors["true captions"] < 0.7 * errors["shuffled captions"]
-    assert errors["true captions"] < 0.8 * errors["colourless caption"]
-    assert errors["true captions"] < 0.8 * errors["predict zero colour"]
+    assert errors["true captions"] < 0.7 * errors["predict zero colour"], errors
+    assert errors["true captions"] < 0.6 * errors["shuffled captions"], errors
+    assert errors["true captions"] < 0.8 * errors["colourless caption"], errors
