@@ -127,7 +127,13 @@ def read_results(out_dir: Path, stage: str = "test") -> dict[str, float]:
 
 @pytest.mark.slow
 def test_end_to_end_fit_then_test_through_the_cli(tmp_path):
-    """A short but honest run of the real CLI: generate, train, keep the best, test."""
+    """A short but honest run of the real CLI: generate, train, keep the best, test.
+
+    Learning is asserted by a wide margin, not by the run's last bits: chance
+    R1 is 5% (20 test identities; a random ranking of the 80 queries gives
+    5% +- 2.4%), the test asks for 12.5%, and the run measured 61.25%
+    (ATEN_CPU_CAPABILITY=avx512 and avx2) and 57.5% (default).
+    """
     # 256 identities x 2 images x 2 captions = 32 batches of 32 an epoch: 480 steps.
     run = [*small_run(tmp_path), "--data.num_train_ids=256"]
     fit = run_tipr(["fit", *run, "--trainer.max_epochs=15", "--trainer.check_val_every_n_epoch=5"], timeout=900)
