@@ -1,6 +1,7 @@
 """Retrieval and TIR panels reach loggers that can show images."""
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from lightning.pytorch.loggers import Logger
 
@@ -37,10 +38,12 @@ def test_to_pil_inverts_clip_normalisation():
     assert to_pil(normalised).getpixel((0, 0)) == (0, 128, 255)
 
 
-def test_panels_are_logged_after_validation(tmp_path):
+@pytest.mark.parametrize("num_val_ids", [4, 0], ids=["val split", "no val split (ICFG-PEDES)"])
+def test_panels_are_logged_after_validation(tmp_path, num_val_ids):
+    """Also for a benchmark without a val split, which validates on test (ICFG-PEDES)."""
     torch.manual_seed(0)
     data = TIPRDataModule(dataset="synthetic", root=str(tmp_path), image_size=(32, 16), batch_size=8,
-                          eval_batch_size=16, num_workers=0, text_length=48, num_train_ids=8, num_val_ids=4,
+                          eval_batch_size=16, num_workers=0, text_length=48, num_train_ids=8, num_val_ids=num_val_ids,
                           num_test_ids=4, images_per_id=2, synthetic_image_size=(64, 32))
     model = TIPRModule(num_classes=data.num_classes, backbone="tiny", image_size=(32, 16), text_length=48)
     logger = ImageLogger()
@@ -48,6 +51,7 @@ def test_panels_are_logged_after_validation(tmp_path):
                          logger=logger, callbacks=[RetrievalPanels(num_queries=3, top_k=4, num_restorations=2)],
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, datamodule=data)
+    assert data.eval_split("validate") == ("val" if num_val_ids else "test")
     retrieval = logger.images["val/retrieval"][0]
     tir = logger.images["val/tir"][0]
     # 3 query rows x 4 framed (36 x 20) images, 12 px labels, 4 px padding

@@ -72,9 +72,12 @@ class RetrievalPanels(Callback):
         if trainer.sanity_checking or not trainer.is_global_zero or not loggers:
             return
         datamodule = trainer.datamodule
-        if datamodule is None or "val" not in getattr(datamodule, "eval_sets", {}):
+        eval_sets = getattr(datamodule, "eval_sets", {})
+        # The split validation ran on: "val", or "test" for benchmarks without one (ICFG-PEDES).
+        split = datamodule.eval_split("validate") if hasattr(datamodule, "eval_split") else "val"
+        if split not in eval_sets:
             return
-        queries, gallery = datamodule.eval_sets["val"]
+        queries, gallery = eval_sets[split]
         panels = {"val/retrieval": self.retrieval_panel(pl_module, queries, gallery)}
         if self.num_restorations and pl_module.network.restoration is not None:
             panels["val/tir"] = self.restoration_panel(pl_module, queries, gallery)
@@ -119,10 +122,11 @@ class RetrievalPanels(Callback):
         caption_of = {int(pid): i for i, pid in reversed(list(enumerate(queries.pids.tolist())))}
         tokens = torch.stack([queries[caption_of[int(gallery.pids[i])]]["token_ids"] for i in range(n)])
         tokens = tokens.to(pl_module.device)
-        text_tokens, eot = network.text_tokens(tokens)
         generator = torch.Generator().manual_seed(0)
         noise = torch.rand(n, network.embeddings.num_patches, generator=generator).to(pl_module.device)
-        out = network.restore(images, text_tokens, eot, noise=noise)
+        with network.precision_context(images.device):
+            text_tokens, eot = network.text_tokens(tokens)
+            out = network.restore(images, text_tokens, eot, noise=noise)
         p, grid = network.embeddings.patch_size, network.embeddings.grid_size
         masked = out["mask"][..., None].bool()  # (B, N, 1), True where hidden
         gray = patchify(to_grayscale(images), p)
