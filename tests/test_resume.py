@@ -90,3 +90,32 @@ def test_resume_version_finds_the_run_folder_and_prefers_a_newer_slurm_checkpoin
     hpc.write_bytes(b"x")
     os.utime(last, (1, 1))  # the SLURM checkpoint is newer than last.ckpt
     assert resume_version("last", logs, hpc_dir=tmp_path) == (str(hpc), 3)
+
+
+def test_last_checkpoint_is_written_at_epoch_ends_and_by_time_and_atomically(tmp_path, monkeypatch):
+    """A time interval shorter than a step: saved at every clock check (every TIME_CHECK_STEPS steps) and at
+    each epoch end; written through a same-folder temporary file renamed into place."""
+    import lightning.pytorch as pl
+
+    from tipr.checkpointing import AtomicCheckpointIO, LastCheckpoint
+    from tipr.data import TIPRDataModule
+    from tipr.model import TIPRModule
+
+    data = TIPRDataModule("synthetic", str(tmp_path / "data"), image_size=(32, 16), batch_size=4, num_workers=0,
+                          text_length=16, sampler="random", num_train_ids=12, num_val_ids=0, num_test_ids=2,
+                          images_per_id=2, captions_per_image=2, synthetic_image_size=(64, 32))  # 12 steps an epoch
+    last = LastCheckpoint(every_n_minutes=1e-9)
+    saved_at = []
+    original = last.save
+    monkeypatch.setattr(last, "save", lambda trainer: (saved_at.append(trainer.global_step), original(trainer)))
+    renamed = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append((Path(a).name, Path(b).name)), real_replace(a, b)))
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[last],
+                         enable_checkpointing=False, default_root_dir=tmp_path, plugins=[AtomicCheckpointIO()])
+    module = TIPRModule(num_classes=data.num_classes, backbone="tiny", image_size=(32, 16), text_length=16)
+    trainer.fit(module, datamodule=data)
+    assert saved_at == [10, 12, 20, 24]  # clock checks at steps 10 and 20, epoch ends at 12 and 24
+    assert renamed[-1] == ("last.ckpt.partial", "last.ckpt") and last.path.is_file()
+    assert torch.load(last.path, map_location="cpu", weights_only=False)["global_step"] == 24

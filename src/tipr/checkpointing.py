@@ -60,6 +60,7 @@ class LastCheckpoint(Callback):
     """
 
     FILENAME = "last.ckpt"
+    TIME_CHECK_STEPS = 10
 
     def __init__(self, every_n_minutes: float | None = 30.0, every_n_train_steps: int | None = None):
         if every_n_minutes is not None and every_n_minutes < 0:
@@ -81,7 +82,8 @@ class LastCheckpoint(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         due = bool(self.every_n_train_steps) and trainer.global_step % self.every_n_train_steps == 0
-        if self.every_n_seconds is not None and not due:
+        # The clock is read every TIME_CHECK_STEPS steps: under DDP agreeing on it is a collective.
+        if self.every_n_seconds is not None and not due and trainer.global_step % self.TIME_CHECK_STEPS == 0:
             elapsed = time.monotonic() - self._saved_at >= self.every_n_seconds
             due = trainer.strategy.broadcast(elapsed)  # every rank must take part in the save
         if due:
