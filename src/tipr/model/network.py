@@ -122,10 +122,9 @@ class SENNetwork(nn.Module):
             if not 0 < mask_ratio < 1:
                 raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
             self.num_visible = num_visible_patches(self.embeddings.num_patches, mask_ratio)
+            # Any mask_ratio in (0, 1) hides at least one patch (CLS counts in the kept length);
+            # a high one can leave none visible.
             grid, n = self.embeddings.grid_size, self.embeddings.num_patches
-            if self.num_visible >= n:
-                raise ValueError(f"mask_ratio {mask_ratio} hides no patch of the {grid} grid ({n} patches); "
-                                 "expected a higher mask_ratio")
             if self.num_visible < 1:
                 raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch of the {grid} grid ({n} patches: "
                                  f"int(({n} + 1) * (1 - mask_ratio)) - 1 = 0 are kept); expected a lower mask_ratio")
