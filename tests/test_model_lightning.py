@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tipr.model import TIPRModule
-from tipr.model.lightning_module import warmup_cosine_factor
+from tipr.model.training import warmup_cosine_factor
 from tipr.tokenization import tokenize
 
 
@@ -118,7 +118,7 @@ def test_parameter_groups_follow_the_recipe():
     assert {"restoration.pixel_head.weight", "restoration.mask_token", "classifier.weight"} <= wider_names
     with pytest.raises(ValueError, match="'restoraton.cross_attn'"):
         _module(boosted_modules=["restoraton.cross_attn"])
-    _module(tir_weight=0.0)  # the reference boosted set still fits when the TIR head is off
+    _module(restoration_weight=0.0)  # the reference boosted set still fits when the TIR head is off
 
 
 def test_training_steps_per_iteration_schedule_and_validation_metrics(tmp_path):
@@ -139,7 +139,7 @@ def test_training_steps_per_iteration_schedule_and_validation_metrics(tmp_path):
     assert any(n.startswith("clip.text_model.encoder") for n in moved)
     assert any(n.startswith("restoration.transformer") for n in moved)
     metrics = trainer.callback_metrics
-    for name in ("train/loss", "train/sdm_loss", "train/id_loss", "train/tri_loss", "train/tir_loss"):
+    for name in ("train/loss", "train/sdm_loss", "train/id_loss", "train/triplet_loss", "train/restoration_loss"):
         assert torch.isfinite(metrics[name]), name
     for name in ("R1", "R5", "R10", "mAP", "mINP"):
         assert 0.0 <= float(metrics[f"val/{name}"]) <= 100.0, name
@@ -154,7 +154,7 @@ def test_validation_metrics_equal_a_direct_ranking(tmp_path):
     queries, gallery = Queries(8, seed=1), Gallery(8, seed=1)
     text = module.network.encode_text(queries.token_ids).detach()
     image = module.network.encode_image(gallery.images).detach()
-    sim = module.similarity(text, image)
+    sim = module.network.similarity(text, image)
     r1 = 100 * sum(float(queries.pids[i] == gallery.pids[sim[i].argmax()]) for i in range(8)) / 8
     assert results["val/R1"] == pytest.approx(r1)
     i2t_r1 = 100 * sum(float(gallery.pids[j] == queries.pids[sim[:, j].argmax()]) for j in range(8)) / 8
@@ -169,42 +169,27 @@ def test_checkpoint_round_trip_needs_neither_weights_nor_network(tmp_path):
 
     torch.manual_seed(1)
     build_clip("tiny", text_length=TEXT_LENGTH).save_pretrained(tmp_path / "clip")
-    module = _module(backbone=str(tmp_path / "clip"), mask_ratio=0.6, tir_weight=5.0)
+    module = _module(backbone=str(tmp_path / "clip"), mask_ratio=0.6, restoration_weight=5.0)
     trainer = _trainer(tmp_path, max_epochs=1)
     trainer.fit(module, datamodule=ToyData())
     trainer.save_checkpoint(tmp_path / "model.ckpt")
     shutil.rmtree(tmp_path / "clip")
 
     loaded = TIPRModule.load_from_checkpoint(tmp_path / "model.ckpt")
-    assert loaded.hparams.mask_ratio == 0.6 and loaded.hparams.tir_weight == 5.0
+    assert loaded.hparams.mask_ratio == 0.6 and loaded.hparams.restoration_weight == 5.0
     assert isinstance(loaded.hparams.backbone, dict)
-    captions = ["a person dressed in red", "a person dressed in green"]
-    images = ToyPairs(3).images
-    assert torch.equal(loaded.encode_captions(captions), module.encode_captions(captions))
-    assert torch.equal(loaded.encode_images(images), module.encode_images(images))
     for (name, a), (_, b) in zip(module.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
-    # Notebook API: normalised features and a cosine similarity matrix.
-    text, image = loaded.encode_captions(captions), loaded.encode_images(images)
-    assert torch.allclose(text.norm(dim=1), torch.ones(2))
-    scores = loaded.similarity(text, image)
-    assert scores.shape == (2, 3) and torch.allclose(scores, text @ image.t(), atol=1e-6)
-    loaded.train()
-    loaded.encode_images(images)
-    assert loaded.training  # encode_* run in eval mode and restore the mode they found
-    with pytest.raises(ValueError, match=r"\(B, 3, 32, 16\), got \(3, 3, 16, 16\)"):
-        loaded.encode_images(images[..., :16, :])
+    # The same network without Lightning, from the checkpoint and from the folder fit wrote.
+    from tipr.pretrained import load_pretrained
 
-
-def test_predict_returns_features(tmp_path):
-    module = _module()
-    trainer = _trainer(tmp_path)
-    queries, gallery = ToyData().val_dataloader()
-    text_out = trainer.predict(module, queries)
-    image_out = trainer.predict(module, gallery)
-    assert torch.cat([o["text_features"] for o in text_out]).shape == (8, 64)
-    assert torch.cat([o["image_features"] for o in image_out]).shape == (8, 64)
-    assert torch.cat([o["index"] for o in image_out]).tolist() == list(range(8))
+    images, token_ids = ToyPairs(3).images, ToyPairs(3).token_ids
+    expected = module.network.eval().encode_image(images), module.network.encode_text(token_ids)
+    for source in (tmp_path / "model.ckpt", tmp_path / "pretrained"):
+        model, processor = load_pretrained(source)
+        assert not model.training and processor.image_size == IMAGE_SIZE and processor.text_length == TEXT_LENGTH
+        assert torch.equal(model.encode_image(images), expected[0]), source
+        assert torch.equal(model.encode_text(token_ids), expected[1]), source
 
 
 def test_bf16_autocast_and_gradient_checkpointing_keep_fp32_weights(tmp_path):
@@ -244,25 +229,24 @@ def test_reference_fp16_weights_keep_norms_and_embeddings_fp32_and_train_with_fp
     weight = module.network.clip.visual_projection.weight
     assert weight.dtype == torch.float16
     assert trainer.optimizers[0].state[weight]["exp_avg_sq"].dtype == torch.float16
-    # Evaluation runs under the same autocast and returns float features.
-    queries, _ = ToyData().val_dataloader()
-    assert module.encode_captions(["a person dressed in red"]).dtype == torch.float32
+    # Evaluation runs under the same autocast.
+    assert module.network.encode_text(ToyPairs(2).token_ids).dtype == torch.float16
 
 
-def test_tir_noise_depends_on_seed_epoch_and_batch_only_and_splits_the_global_batch():
+def test_restoration_noise_depends_on_seed_epoch_and_batch_only_and_splits_the_global_batch():
     """Each rank draws the global batch's noise from (seed, epoch, batch) and keeps its rows,
     so W processes see the noise of one process."""
     module = _module()
     noises = {
-        world: torch.cat([module.tir_noise(8 // world, 2, 3, world_size=world, rank=r) for r in range(world)])
+        world: torch.cat([module.restoration_noise(8 // world, 2, 3, world_size=world, rank=r) for r in range(world)])
         for world in (1, 2, 4)
     }
     assert noises[1].shape == (8, module.network.embeddings.num_patches)
     assert torch.equal(noises[1], noises[2]) and torch.equal(noises[1], noises[4])
-    assert torch.equal(noises[1], module.tir_noise(8, 2, 3))  # a pure function of its arguments
-    assert not torch.equal(module.tir_noise(8, 2, 4), noises[1])
-    assert not torch.equal(module.tir_noise(8, 3, 3), noises[1])
-    assert not torch.equal(_module(seed=1).tir_noise(8, 2, 3), noises[1])
+    assert torch.equal(noises[1], module.restoration_noise(8, 2, 3))  # a pure function of its arguments
+    assert not torch.equal(module.restoration_noise(8, 2, 4), noises[1])
+    assert not torch.equal(module.restoration_noise(8, 3, 3), noises[1])
+    assert not torch.equal(_module(seed=1).restoration_noise(8, 2, 3), noises[1])
 
 
 class PoisonedPairs(ToyPairs):
@@ -287,7 +271,7 @@ def test_a_non_finite_loss_stops_the_run_naming_step_terms_and_last_good_checkpo
     module = _module(nonfinite_check_interval=2)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1, save_top_k=0)
     trainer = _trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[checkpoints], enable_checkpointing=True)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite sdm, id, tri, tir, loss, grad_norm at step 3") as error:
+    with pytest.raises(NonFiniteLossError, match=r"non-finite sdm, id, triplet, restoration, loss, grad_norm at step 3") as error:
         trainer.fit(module, datamodule=Poisoned())
     last = tmp_path / "ckpt" / "last.ckpt"
     assert str(last) in str(error.value)

@@ -1,9 +1,9 @@
-"""SENNetwork: features, text-guided restoration, gradients, input errors."""
+"""SENModel: features, text-guided restoration, gradients, input errors."""
 
 import pytest
 import torch
 
-from tipr.model import SENNetwork
+from tipr.model import SENModel
 from tipr.model.losses import masked_patch_mse
 from tipr.model.restoration import (
     num_visible_patches,
@@ -24,7 +24,7 @@ CAPTIONS = ["a man in a red shirt", "a woman with blue jeans and a black bag", "
 def _network(**kwargs):
     torch.manual_seed(0)
     kwargs = {"num_classes": 3, "image_size": IMAGE_SIZE, "text_length": TEXT_LENGTH, **kwargs}
-    return SENNetwork("tiny", **kwargs)
+    return SENModel.from_backbone("tiny", **kwargs)
 
 
 def _batch(seed=0):
@@ -84,8 +84,8 @@ def test_forward_losses_and_weighted_sum(network):
     network.train()
     torch.manual_seed(1)
     losses = network(images, token_ids, pids)
-    assert set(losses) == {"sdm", "id", "tri", "tir", "loss"}
-    expected = losses["sdm"] + losses["id"] + 10 * losses["tri"] + 10 * losses["tir"]
+    assert set(losses) == {"sdm", "id", "triplet", "restoration", "loss"}
+    expected = losses["sdm"] + losses["id"] + 10 * losses["triplet"] + 10 * losses["restoration"]
     assert torch.allclose(losses["loss"], expected)
     # The TIR term is the masked MSE of restore() with the same masking noise.
     torch.manual_seed(1)
@@ -95,7 +95,7 @@ def test_forward_losses_and_weighted_sum(network):
     assert restored["mask"].sum(1).tolist() == [7.0] * 4  # 1 of 8 patches visible at 0.7
     assert torch.allclose(restored["target"], patchify(images, 8))
     tir = masked_patch_mse(restored["prediction"], restored["target"], restored["mask"])
-    assert torch.allclose(tir, losses["tir"], atol=1e-6)
+    assert torch.allclose(tir, losses["restoration"], atol=1e-6)
 
 
 def test_restoration_reads_only_visible_patches_of_a_grayscale_image(network):
@@ -124,14 +124,14 @@ def test_text_padding_mask_and_residual_options():
     noise = torch.rand(4, 8, generator=torch.Generator().manual_seed(3))
     results = {}
     for masked in (True, False):
-        network = _network(tir_text_padding_mask=masked).eval()
+        network = _network(restoration_text_padding_mask=masked).eval()
         with torch.no_grad():
             preds = [network.restore(images, *network.text_tokens(ids), noise=noise)["prediction"]
                      for ids in (token_ids, noisy_padding)]
         results[masked] = torch.allclose(preds[0], preds[1], atol=1e-6)
     assert results == {True: True, False: False}  # the reference variant attends to the padding
-    residual = _network(tir_residual=True).eval()
-    plain = _network(tir_residual=False).eval()
+    residual = _network(restoration_residual=True).eval()
+    plain = _network(restoration_residual=False).eval()
     with torch.no_grad():
         args = (images, *plain.text_tokens(token_ids))
         assert not torch.allclose(residual.restore(*args, noise=noise)["prediction"],
@@ -139,11 +139,11 @@ def test_text_padding_mask_and_residual_options():
 
 
 def test_tir_gradients_reach_vision_encoder_text_encoder_and_decoder():
-    network = _network(loss_weights={"tir": 1.0}).train()
+    network = _network(loss_weights={"restoration": 1.0}).train()
     assert network.classifier is None
     images, token_ids, pids = _batch()
     losses = network(images, token_ids, pids)
-    assert set(losses) == {"tir", "loss"}
+    assert set(losses) == {"restoration", "loss"}
     losses["loss"].backward()
     must_move = [
         "clip.vision_model.embeddings.patch_embedding.weight",
@@ -166,7 +166,7 @@ def test_tir_gradients_reach_vision_encoder_text_encoder_and_decoder():
 
 
 def test_every_loss_gives_gradients_to_both_encoders():
-    network = _network(loss_weights={"sdm": 1, "id": 1, "tri": 10, "itc": 1}).train()
+    network = _network(loss_weights={"sdm": 1, "id": 1, "triplet": 10, "itc": 1}).train()
     assert network.restoration is None
     images, token_ids, pids = _batch()
     network(images, token_ids, pids)["loss"].backward()
@@ -198,11 +198,11 @@ def test_bad_inputs_name_the_value(network):
         network(images, token_ids, pids[:3])
     with pytest.raises(ValueError, match=r"unknown loss name\(s\) \['mlm'\]"):
         _network(loss_weights={"sdm": 1, "mlm": 1})
-    with pytest.raises(ValueError, match="tri=-1"):
-        _network(loss_weights={"tri": -1})
+    with pytest.raises(ValueError, match="triplet=-1"):
+        _network(loss_weights={"triplet": -1})
     with pytest.raises(ValueError, match=r"image_size \(30, 16\)"):
         _network(image_size=(30, 16))
     with pytest.raises(ValueError, match="mask_ratio must be in \\(0, 1\\), got 1.0"):
         _network(mask_ratio=1.0)
     with pytest.raises(ValueError, match=r"text_length must be in 2..16 \(the text encoder's context\), got 40"):
-        SENNetwork(network.clip, num_classes=3, image_size=IMAGE_SIZE, text_length=40)
+        SENModel.from_backbone(network.clip, num_classes=3, image_size=IMAGE_SIZE, text_length=40)

@@ -9,12 +9,15 @@
 - :func:`resume_version` finds the run folder (``version_N``) a checkpoint
   belongs to, so a resumed ``tipr fit`` logs into the same folder and its
   best-checkpoint callback keeps the best-so-far of the first part.
+- :func:`export_pretrained` writes the best checkpoint's network and processor
+  as a pretrained folder, ``<log_dir>/pretrained``, when fit ends.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-__all__ = ["AtomicCheckpointIO", "LastCheckpoint", "resume_version"]
+__all__ = ["AtomicCheckpointIO", "LastCheckpoint", "export_pretrained", "newest_checkpoint", "resume_version"]
 
 _VERSION = re.compile(r"^version_(\d+)$")
 
@@ -128,3 +131,30 @@ def resume_version(
         if m and parent.parent == root.resolve():
             return str(path), int(m.group(1))
     return None
+
+
+def newest_checkpoint(trainer) -> str | None:
+    """The newest checkpoint file this run wrote (``last.ckpt`` or the best one), if any."""
+    paths = [c.path for c in trainer.callbacks if isinstance(c, LastCheckpoint)] + [
+        getattr(c, attr, None) for c in trainer.checkpoint_callbacks for attr in ("last_model_path", "best_model_path")
+    ]
+    existing = [Path(p) for p in paths if p and Path(p).is_file()]
+    return str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else None
+
+
+def export_pretrained(trainer, network, processor) -> Path:
+    """Write ``<log_dir>/pretrained``: the best checkpoint's network (the current one when no
+    checkpoint callback chose a best) and the processor, for ``SENModel.from_pretrained``."""
+    from tipr.pretrained import load_lightning_checkpoint, save_pretrained
+
+    folder = Path(trainer.log_dir or trainer.default_root_dir) / "pretrained"
+    best = getattr(trainer.checkpoint_callback, "best_model_path", None)
+    if best and Path(best).is_file():
+        network, _ = load_lightning_checkpoint(best)
+    # Written beside the target and renamed into place: an interrupted export leaves no half folder.
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    save_pretrained(network, processor, partial)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
+    return folder

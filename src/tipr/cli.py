@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -158,35 +157,21 @@ class TIPRCLI(LightningCLI):
         (log_dir / f"{stage}_results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
 
 
-#: Commands that use a trained model outside a Trainer: ``tipr <command> --help``.
-#: Each maps to ``module:function``, a ``function(argv) -> int`` imported on use.
-MODEL_COMMANDS = {
-    "index": ("tipr.search:index_main", "encode a folder of images into a gallery index"),
-    "search": ("tipr.search:search_main", "rank a gallery index by text queries"),
-    "convert": ("tipr.convert:convert_main", "turn an IRRA/SEN or OpenAI CLIP checkpoint into a tipr checkpoint"),
-}
+def main(args: list[str] | None = None, epilog: str | None = None) -> None:
+    """LightningCLI over :class:`TIPRModule` and :class:`TIPRDataModule` (``tipr fit``, ``tipr test``, ...).
 
-
-def main(args: list[str] | None = None) -> int | None:
-    """Entry point of the ``tipr`` console script."""
-    argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] in MODEL_COMMANDS:
-        import importlib
-
-        target, _ = MODEL_COMMANDS[argv[0]]
-        module, function = target.split(":")
-        return getattr(importlib.import_module(module), function)(argv[1:])
-    epilog = "Using a trained model: " + "; ".join(f"'tipr {name}' to {text}" for name, (_, text) in MODEL_COMMANDS.items()) + "."
+    The ``tipr`` console script is :func:`tipr.commands.main`, which sends the model
+    commands (``index``, ``search``, ``convert``) elsewhere.
+    """
     TIPRCLI(
         TIPRModule,
         TIPRDataModule,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"epilog": epilog},
+        parser_kwargs={"epilog": epilog} if epilog else {},
         args=args,
     )
-    return None
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,23 +1,34 @@
-"""``SENNetwork``: the SEN model as plain PyTorch (no Lightning).
+"""``SENModel``: the SEN network as plain PyTorch, shareable with ``from_pretrained``.
 
 A Hugging Face CLIP dual encoder, the ID classifier, the text-guided image
-restoration head and the losses. ``encode_image`` / ``encode_text`` give the
-global features retrieval uses; ``forward(images, token_ids, pids)`` gives the
-training losses.
+restoration (TIR) head and the losses. ``encode_image`` / ``encode_text`` give
+the global features retrieval uses; ``forward(images, token_ids, pids)`` gives
+the training losses as a :class:`SENOutput`.
+
+``save_pretrained(folder)`` writes ``config.json`` (:class:`SENConfig`) and
+``model.safetensors``; ``from_pretrained(folder or hub id)`` reads them back
+(strictly: a missing or unexpected weight is an error naming it);
+``push_to_hub`` uploads them (``huggingface_hub``'s ``PyTorchModelHubMixin``).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from typing import Any, Literal
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
+from transformers.utils import ModelOutput
 
 from tipr.model.backbone import build_clip, eot_token_id, set_image_size
+from tipr.model.config import SENConfig
 from tipr.model.distributed import all_gather_no_grad, all_gather_with_grad
+from tipr.model.hub import CONFIG_FILE, WEIGHTS_FILE, load_weights, pretrained_files
 from tipr.model.losses import (
     hardest_negative_triplet_loss,
     identity_classifier,
@@ -34,37 +45,37 @@ from tipr.model.restoration import (
     to_grayscale,
 )
 
-#: Loss names and their weights in the SEN reference run (``itc`` is off).
-REFERENCE_LOSS_WEIGHTS: dict[str, float] = {"sdm": 1.0, "id": 1.0, "tri": 10.0, "tir": 10.0, "itc": 0.0}
-LOSS_NAMES = tuple(REFERENCE_LOSS_WEIGHTS)
+
+@dataclass
+class SENOutput(ModelOutput):
+    """The training losses of one batch: the weighted total and each active term (unweighted).
+
+    A term whose weight is 0 is ``None`` and absent from the dict view
+    (``output.keys()``); ``output["loss"]`` and ``output.loss`` are the same tensor.
+    """
+
+    loss: torch.Tensor | None = None
+    sdm: torch.Tensor | None = None
+    id: torch.Tensor | None = None
+    triplet: torch.Tensor | None = None
+    itc: torch.Tensor | None = None
+    restoration: torch.Tensor | None = None
 
 
-class SENNetwork(nn.Module):
+class SENModel(nn.Module, PyTorchModelHubMixin, library_name="tipr", tags=["text-to-image-person-retrieval"]):
     """CLIP dual encoder + TIR head + losses (SEN).
 
     Args:
-        backbone: a preset name (``"tiny"``), a dict of ``CLIPConfig`` arguments
-            (random weights), a local CLIP folder or a hub id (pretrained), or a
-            ready ``transformers.CLIPModel``. See :mod:`tipr.model.backbone`.
-        num_classes: training identities (size of the ID classifier).
-        image_size: input ``(H, W)``; the position table is resized to it once.
-        text_length: token positions the text encoder accepts (<= its context).
-        loss_weights: ``{name: weight}`` over ``sdm``, ``id``, ``tri``, ``itc``,
-            ``tir``; missing names get weight 0; a 0 weight turns a loss off (and
-            the ID classifier / TIR head are then not built).
-        temperature: tau of SDM and ITC (logits = cosine / tau).
-        margin: margin of the triplet loss.
-        mask_ratio: share of patches hidden from the encoder in TIR, in (0, 1).
-        tir_depth, tir_heads, tir_residual, tir_text_padding_mask: see
-            :class:`tipr.model.restoration.TextGuidedRestoration`.
-        position_interpolation: how the pretrained square position table is
-            resized to the ``image_size`` grid: ``"bilinear"`` (the reference code)
-            or ``"bicubic"`` (a departure from the reference).
-        reference_fp16_weights: store the weights of every linear, convolution and
-            attention projection in fp16 (layer norms, embeddings and the TIR mask
-            token stay fp32) and run under fp16 autocast, as the reference's
-            ``convert_weights``; the optimiser's state is then fp16 too. Off: fp32
-            weights (use a mixed precision such as bf16-mixed for speed).
+        config: the network's shape and loss settings (:class:`SENConfig`).
+        clip: a ready ``transformers.CLIPModel`` whose config is ``config.clip``
+            (pretrained weights); built from ``config.clip`` with random weights
+            when None. :meth:`from_backbone` builds one from a preset, a folder or
+            a hub id.
+
+    ``config.reference_fp16_weights`` stores the weights of every linear,
+    convolution and attention projection in fp16 (layer norms, embeddings and the
+    TIR mask token stay fp32) and runs under fp16 autocast, as the reference's
+    ``convert_weights``; the optimiser's state is then fp16 too.
 
     Under ``torch.distributed`` with ``W`` processes, :meth:`forward` computes the
     batch-level losses (SDM, triplet, ITC) over the features of all ranks
@@ -72,76 +83,100 @@ class SENNetwork(nn.Module):
     each train the same loss as one process with ``B``.
     """
 
-    def __init__(
-        self,
-        backbone: str | Mapping[str, Any] | nn.Module,
-        num_classes: int,
-        image_size: tuple[int, int] = (384, 128),
-        text_length: int = 77,
-        loss_weights: Mapping[str, float] | None = None,
-        temperature: float = 0.02,
-        margin: float = 0.05,
-        mask_ratio: float = 0.7,
-        tir_depth: int = 4,
-        tir_heads: int | None = None,
-        tir_residual: bool = False,
-        tir_text_padding_mask: bool = False,
-        position_interpolation: Literal["bilinear", "bicubic"] = "bilinear",
-        reference_fp16_weights: bool = False,
-    ):
+    def __init__(self, config: SENConfig, clip: nn.Module | None = None):
         super().__init__()
-        weights = dict(REFERENCE_LOSS_WEIGHTS if loss_weights is None else loss_weights)
-        unknown = sorted(set(weights) - set(LOSS_NAMES))
-        if unknown:
-            raise ValueError(f"unknown loss name(s) {unknown}; expected some of {list(LOSS_NAMES)}")
-        for name, weight in weights.items():
-            if not weight >= 0:
-                raise ValueError(f"loss weight {name}={weight!r} must be >= 0")
-        self.loss_weights = {name: float(weights.get(name, 0.0)) for name in LOSS_NAMES}
-        if not any(self.loss_weights.values()):
-            raise ValueError(f"every loss weight is 0: {self.loss_weights}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-
-        self.clip = backbone if isinstance(backbone, nn.Module) else build_clip(backbone, text_length)
-        self.image_size = (int(image_size[0]), int(image_size[1]))
-        self.text_length = int(text_length)
+        self.clip = build_clip(config.clip, config.text_length) if clip is None else clip
+        self.config = replace(config, clip=self.clip.config.to_dict())
+        self.loss_weights = dict(config.loss_weights)
+        self.image_size = config.image_size
+        self.text_length = int(config.text_length)
         context = self.clip.config.text_config.max_position_embeddings
         if not 1 < self.text_length <= context:
-            raise ValueError(f"text_length must be in 2..{context} (the text encoder's context), got {text_length}")
-        set_image_size(self.clip, self.image_size, interpolation=position_interpolation)
+            raise ValueError(f"text_length must be in 2..{context} (the text encoder's context), got {self.text_length}")
+        set_image_size(self.clip, self.image_size, interpolation=config.position_interpolation)
         self.eot_token_id = eot_token_id(self.clip.config)
         self.vocab_size = self.clip.config.text_config.vocab_size
         self.embed_dim = self.clip.config.projection_dim
-        self.temperature = temperature
-        self.margin = margin
+        self.temperature = config.temperature
+        self.margin = config.margin
+        self.mask_ratio = config.mask_ratio
 
-        self.classifier = identity_classifier(self.embed_dim, num_classes) if self.loss_weights["id"] > 0 else None
+        self.classifier = None
+        if self.loss_weights["id"] > 0:
+            self.classifier = identity_classifier(self.embed_dim, config.num_classes)
         self.restoration = None
-        if self.loss_weights["tir"] > 0:
-            if not 0 < mask_ratio < 1:
-                raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-            self.num_visible = num_visible_patches(self.embeddings.num_patches, mask_ratio)
+        if self.loss_weights["restoration"] > 0:
+            self.num_visible = num_visible_patches(self.embeddings.num_patches, self.mask_ratio)
             # Any mask_ratio in (0, 1) hides at least one patch (CLS counts in the kept length);
             # a high one can leave none visible.
             grid, n = self.embeddings.grid_size, self.embeddings.num_patches
             if self.num_visible < 1:
-                raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch of the {grid} grid ({n} patches: "
-                                 f"int(({n} + 1) * (1 - mask_ratio)) - 1 = 0 are kept); expected a lower mask_ratio")
+                raise ValueError(
+                    f"mask_ratio {self.mask_ratio} leaves no visible patch of the {grid} grid ({n} patches: "
+                    f"int(({n} + 1) * (1 - mask_ratio)) - 1 = 0 are kept); expected a lower mask_ratio"
+                )
             self.restoration = TextGuidedRestoration(
                 self.embed_dim,
                 self.embeddings.patch_size,
                 self.embeddings.grid_size,
-                depth=tir_depth,
-                num_heads=tir_heads,
-                residual=tir_residual,
-                text_padding_mask=tir_text_padding_mask,
+                depth=config.restoration_depth,
+                num_heads=config.restoration_heads,
+                residual=config.restoration_residual,
+                text_padding_mask=config.restoration_text_padding_mask,
             )
-        self.mask_ratio = mask_ratio
-        self.reference_fp16_weights = bool(reference_fp16_weights)
+        self.reference_fp16_weights = bool(config.reference_fp16_weights)
         if self.reference_fp16_weights:
             cast_to_reference_fp16(self)
-        self.train()  # from_pretrained returns the backbone in eval mode
+        self.train()  # CLIPModel.from_pretrained returns the backbone in eval mode
+
+    @classmethod
+    def from_backbone(cls, backbone: str | Mapping[str, Any] | nn.Module, num_classes: int, **settings: Any) -> SENModel:
+        """A network around a CLIP backbone: a preset name (``"tiny"``), a dict of ``CLIPConfig``
+        arguments (random weights), a local CLIP folder or a hub id (pretrained weights, see
+        :func:`tipr.model.backbone.build_clip`), or a ready ``CLIPModel``.
+
+        ``settings`` are the other :class:`SENConfig` fields (``image_size``, ``loss_weights``, ...).
+        """
+        text_length = int(settings.get("text_length", 77))
+        clip = backbone if isinstance(backbone, nn.Module) else build_clip(backbone, text_length)
+        return cls(SENConfig(clip=clip.config.to_dict(), num_classes=num_classes, **settings), clip=clip)
+
+    # ------------------------------------------------------------ pretrained
+    def _save_pretrained(self, save_directory: Path) -> None:
+        from safetensors.torch import save_model
+
+        self.config.save(save_directory / CONFIG_FILE)
+        save_model(self, str(save_directory / WEIGHTS_FILE))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        map_location: str | torch.device = "cpu",
+    ) -> SENModel:
+        """The model a :meth:`save_pretrained` (or ``tipr fit`` / ``tipr convert``) wrote.
+
+        Args:
+            pretrained_model_name_or_path: a local folder (never touches the network)
+                or a Hugging Face hub id (downloaded to the hub cache).
+            revision, cache_dir, local_files_only, token: for hub ids, as in ``huggingface_hub``.
+            map_location: device of the returned weights.
+
+        Every weight of the file must match the network built from its config (names
+        and shapes); the model is returned in eval mode.
+        """
+        files = pretrained_files(
+            pretrained_model_name_or_path, (CONFIG_FILE, WEIGHTS_FILE), revision=revision,
+            cache_dir=cache_dir, local_files_only=local_files_only, token=token,
+        )
+        model = cls(SENConfig.load(files[CONFIG_FILE]))
+        load_weights(model, files[WEIGHTS_FILE], map_location)
+        return model.eval()
 
     def precision_context(self, device: torch.device) -> contextlib.AbstractContextManager:
         """fp16 autocast with ``reference_fp16_weights`` (the fp16 weights meet fp32 norms), else nothing."""
@@ -235,7 +270,7 @@ class SENNetwork(nn.Module):
             dict with ``prediction`` and ``target`` ``(B, N, p*p*3)`` and ``mask`` ``(B, N)``.
         """
         if self.restoration is None:
-            raise RuntimeError("this network was built without the TIR head (tir weight 0)")
+            raise RuntimeError("this network was built without the TIR head (restoration weight 0)")
         self.embeddings.check_pixels(images)
         b, n = images.shape[0], self.embeddings.num_patches
         if noise is None:
@@ -256,7 +291,7 @@ class SENNetwork(nn.Module):
         pids: torch.Tensor,
         noise: torch.Tensor | None = None,
         check_inputs: bool = True,
-    ) -> dict[str, torch.Tensor]:
+    ) -> SENOutput:
         """Training losses for a batch of paired images and captions.
 
         Args:
@@ -266,18 +301,19 @@ class SENNetwork(nn.Module):
             check_inputs: validate the token ids and identity labels (a host sync); a
                 trainer whose data were validated once turns it off for speed.
 
-        Under ``torch.distributed`` the batch-level losses (``sdm``, ``tri``, ``itc``)
+        Under ``torch.distributed`` the batch-level losses (``sdm``, ``triplet``, ``itc``)
         are computed over the gathered global batch (equal on every rank) and the
-        per-sample ones (``id``, ``tir``) are this rank's means; DDP's gradient
+        per-sample ones (``id``, ``restoration``) are this rank's means; DDP's gradient
         average then gives the one-process gradient of the global batch.
 
         Returns:
-            ``{"loss": weighted sum, "<name>": unweighted loss for each loss with weight > 0}``.
+            :class:`SENOutput`: ``loss`` (the weighted sum) and the unweighted value of each
+            loss with weight > 0.
         """
         with self.precision_context(images.device):
             return self._losses(images, token_ids, pids, noise, check_inputs)
 
-    def _losses(self, images, token_ids, pids, noise, check_inputs) -> dict[str, torch.Tensor]:
+    def _losses(self, images, token_ids, pids, noise, check_inputs) -> SENOutput:
         if pids.shape != (images.shape[0],) or token_ids.shape[0] != images.shape[0]:
             raise ValueError(
                 f"batch sizes differ: images {tuple(images.shape)}, token_ids {tuple(token_ids.shape)}, "
@@ -296,22 +332,21 @@ class SENNetwork(nn.Module):
         text_features = text_tokens[torch.arange(text_tokens.shape[0], device=eot.device), eot].float()  # (B, D)
 
         losses: dict[str, torch.Tensor] = {}
-        if w["sdm"] > 0 or w["tri"] > 0 or w["itc"] > 0:  # batch-level: over every rank's samples
+        if w["sdm"] > 0 or w["triplet"] > 0 or w["itc"] > 0:  # batch-level: over every rank's samples
             all_images, all_texts = all_gather_with_grad(image_features), all_gather_with_grad(text_features)
             all_pids = all_gather_no_grad(pids)
         if w["sdm"] > 0:
             losses["sdm"] = sdm_loss(all_images, all_texts, all_pids, self.temperature)
         if w["id"] > 0:
             losses["id"] = identity_loss(self.classifier(image_features), self.classifier(text_features), pids)
-        if w["tri"] > 0:
-            losses["tri"] = hardest_negative_triplet_loss(all_images, all_texts, all_pids, self.margin)
+        if w["triplet"] > 0:
+            losses["triplet"] = hardest_negative_triplet_loss(all_images, all_texts, all_pids, self.margin)
         if w["itc"] > 0:
             losses["itc"] = itc_loss(all_images, all_texts, self.temperature)
-        if w["tir"] > 0:
+        if w["restoration"] > 0:
             restored = self.restore(images, text_tokens, eot, noise)
-            losses["tir"] = masked_patch_mse(restored["prediction"], restored["target"], restored["mask"])
-        losses["loss"] = sum(w[name] * value for name, value in losses.items())
-        return losses
+            losses["restoration"] = masked_patch_mse(restored["prediction"], restored["target"], restored["mask"])
+        return SENOutput(loss=sum(w[name] * value for name, value in losses.items()), **losses)
 
     def similarity(self, text_features: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
         """Cosine similarity ``(Nq, Ng)`` of text queries against gallery images."""

@@ -1,0 +1,64 @@
+"""The ``tipr`` console script: model commands without Lightning, training commands with it.
+
+``tipr index``, ``tipr search`` and ``tipr convert`` use a trained model outside
+a Trainer. Each is a plain function whose signature and docstring are its
+options (jsonargparse), so it reads ``--config file.yaml`` like ``tipr fit``, and
+none of them imports Lightning. Every other command (``fit``, ``validate``,
+``test``, ``predict``) goes to :mod:`tipr.cli` (LightningCLI).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+#: ``tipr <name>``: ``(module:function, one-line description)``, imported on use.
+MODEL_COMMANDS = {
+    "index": ("tipr.search.commands:index", "encode a folder of images into a gallery index"),
+    "search": ("tipr.search.commands:search", "rank a gallery index by text queries"),
+    "convert": ("tipr.convert.command:convert", "turn an IRRA/SEN or OpenAI CLIP checkpoint into a pretrained folder"),
+}
+
+
+def command_parser(prog: str, function: Callable):
+    """A jsonargparse parser of ``function``'s signature, with ``--config``."""
+    from jsonargparse import ArgumentParser
+
+    doc = (function.__doc__ or "").strip().split("\n\n")[0]
+    parser = ArgumentParser(prog=prog, description=doc)
+    parser.add_argument("--config", action="config", help="a YAML file of these options (command-line values win)")
+    parser.add_function_arguments(function, as_positional=False)
+    return parser
+
+
+def run_command(name: str, argv: Sequence[str]) -> int:
+    """Parse ``argv`` for ``tipr <name>`` and run it: its return code; 1 with a one-line error
+    for a bad file or value (``OSError``, ``ValueError``); 2 for a usage error."""
+    module, function = MODEL_COMMANDS[name][0].split(":")
+    function = getattr(importlib.import_module(module), function)
+    parser = command_parser(f"tipr {name}", function)
+    options = parser.parse_args(list(argv))
+    kwargs = {key: value for key, value in vars(options).items() if key != "config"}
+    try:
+        return int(function(**kwargs) or 0)
+    except (OSError, ValueError) as e:
+        print(f"tipr {name}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def main(args: Sequence[str] | None = None) -> int | None:
+    """Entry point of the ``tipr`` console script."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in MODEL_COMMANDS:
+        return run_command(argv[0], argv[1:])
+    from tipr.cli import main as lightning_main
+
+    epilog = "Using a trained model: " + "; ".join(
+        f"'tipr {name}' to {text}" for name, (_, text) in MODEL_COMMANDS.items()
+    ) + "."
+    return lightning_main(argv, epilog=epilog)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Files of a pretrained folder: finding them (local folder or hub id) and loading weights strictly."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def pretrained_files(
+    name_or_path: str | Path,
+    filenames: Sequence[str],
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+) -> dict[str, Path]:
+    """Local paths of ``filenames`` from a folder, or downloaded from a hub id.
+
+    A value that exists on disk, or looks like a path (starts with ``.``, ``/`` or
+    ``~``), is a folder and never touches the network; a missing file names the
+    folder and the file.
+    """
+    text = str(name_or_path)
+    folder = Path(text).expanduser()
+    if folder.exists() or text.startswith((".", "/", "~")):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{text}: expected a pretrained folder (with {', '.join(filenames)}), found none")
+        missing = [name for name in filenames if not (folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"pretrained folder {text} lacks {', '.join(missing)}; expected a folder written by "
+                f"save_pretrained, 'tipr fit' (<log_dir>/pretrained) or 'tipr convert'"
+            )
+        return {name: folder / name for name in filenames}
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return {
+            name: Path(hf_hub_download(text, name, revision=revision, cache_dir=cache_dir,
+                                       local_files_only=local_files_only, token=token))
+            for name in filenames
+        }
+    except Exception as e:  # offline, unknown repo, missing file: name what was asked for
+        raise OSError(f"could not fetch {list(filenames)} of the hub model {text!r}: {type(e).__name__}: {e}") from e
+
+
+def load_weights(model: nn.Module, path: str | Path, map_location: str | torch.device = "cpu") -> None:
+    """Load a safetensors file into ``model``; every name and shape must match."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path), device=str(map_location))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        details = [f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
+                   f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
+                   f"shapes differ for {wrong[:3]}" if wrong else ""]
+        raise ValueError(
+            f"{path}: the weights do not fit the network its config describes: "
+            + "; ".join(d for d in details if d)
+        )
+    model.load_state_dict(state, strict=True)
+    model.to(map_location)

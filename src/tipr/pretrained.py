@@ -1,0 +1,100 @@
+"""Loading a trained model for inference, from a pretrained folder or a Lightning checkpoint.
+
+``load_pretrained(source)`` returns ``(SENModel, TIPRProcessor)`` from
+
+- a pretrained folder (``save_pretrained``, ``tipr fit``'s ``<log_dir>/pretrained``,
+  ``tipr convert``) or a Hugging Face hub id;
+- a Lightning checkpoint file of ``TIPRModule`` (``.ckpt``), read with
+  ``torch.load`` alone: Lightning is not imported.
+
+``save_pretrained(model, processor, folder)`` writes both into one folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tipr.model.config import SENConfig
+from tipr.model.sen import SENModel
+from tipr.processing import TIPRProcessor
+
+#: Keys ``TIPRModule.on_save_checkpoint`` adds to a Lightning checkpoint.
+CHECKPOINT_CONFIG_KEY = "sen_config"
+CHECKPOINT_PROCESSOR_KEY = "tipr_processor"
+#: The ``TIPRModule`` attribute that holds the network (its state-dict prefix).
+NETWORK_PREFIX = "network."
+
+
+def save_pretrained(model: SENModel, processor: TIPRProcessor, folder: str | Path) -> Path:
+    """Write ``config.json``, ``model.safetensors``, the tokenizer and ``processor_config.json``."""
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def load_pretrained(source: str | Path, map_location: str | torch.device = "cpu") -> tuple[SENModel, TIPRProcessor]:
+    """``(model, processor)`` from a pretrained folder, a hub id or a ``TIPRModule`` ``.ckpt`` file.
+
+    The model is in eval mode on ``map_location``.
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        return load_lightning_checkpoint(path, map_location)
+    return SENModel.from_pretrained(source, map_location=map_location), TIPRProcessor.from_pretrained(source)
+
+
+def load_lightning_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[SENModel, TIPRProcessor]:
+    """The network and processor of a ``TIPRModule`` checkpoint, without Lightning."""
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, damaged, or pickled objects beyond tensors and containers
+        raise ValueError(f"{path} is not a loadable tipr checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path} is not a Lightning checkpoint of TIPRModule (no 'state_dict')")
+    config = checkpoint_config(checkpoint, str(path))
+    state = {k[len(NETWORK_PREFIX):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(NETWORK_PREFIX)}
+    model = SENModel(config)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: the weights do not fit the network of its config: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    model.load_state_dict(state)
+    processor_info = checkpoint.get(CHECKPOINT_PROCESSOR_KEY) or {}
+    processor = TIPRProcessor.from_payload(
+        processor_info.get("tokenizer_files"), config.image_size, config.text_length
+    )
+    return model.to(map_location).eval(), processor
+
+
+def checkpoint_config(checkpoint: Mapping[str, Any], source: str) -> SENConfig:
+    """The :class:`SENConfig` a ``TIPRModule`` checkpoint stored (or, for a 0.1 checkpoint, its hyperparameters)."""
+    if CHECKPOINT_CONFIG_KEY in checkpoint:
+        return SENConfig.from_dict(checkpoint[CHECKPOINT_CONFIG_KEY], source=source)
+    hp = checkpoint.get("hyper_parameters") or {}
+    if not isinstance(hp.get("backbone"), Mapping):
+        raise ValueError(f"{source}: neither a SEN config nor hyperparameters with a backbone config")
+    old = {"tri_weight": "triplet_weight", "tir_weight": "restoration_weight", "tir_depth": "restoration_depth",
+           "tir_residual": "restoration_residual", "tir_text_padding_mask": "restoration_text_padding_mask"}
+    hp = {old.get(k, k): v for k, v in hp.items()}
+    return SENConfig(clip=dict(hp["backbone"]), num_classes=hp["num_classes"], **config_settings(hp))
+
+
+def config_settings(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """The :class:`SENConfig` fields (other than ``clip`` and ``num_classes``) of ``TIPRModule``'s flat arguments."""
+    settings = {
+        "loss_weights": {name: float(hparams.get(f"{name}_weight", 0.0)) for name in
+                         ("sdm", "id", "triplet", "restoration", "itc")},
+    }
+    for name in ("image_size", "text_length", "temperature", "margin", "mask_ratio", "restoration_depth",
+                 "restoration_residual", "restoration_text_padding_mask", "position_interpolation",
+                 "reference_fp16_weights"):
+        if name in hparams:
+            settings[name] = hparams[name]
+    return settings
