@@ -7,7 +7,8 @@
 - a Lightning checkpoint file of ``TIPRModule`` (``.ckpt``), read with
   ``torch.load`` alone: Lightning is not imported.
 
-``save_pretrained(model, processor, folder)`` writes both into one folder.
+``save_pretrained(model, processor, folder)`` writes both into one folder and
+``push_to_hub(model, processor, repo_id)`` uploads them.
 """
 
 from __future__ import annotations
@@ -98,3 +99,21 @@ def config_settings(hparams: Mapping[str, Any]) -> dict[str, Any]:
         if name in hparams:
             settings[name] = hparams[name]
     return settings
+
+
+def push_to_hub(model: SENModel, processor: TIPRProcessor, repo_id: str, *, private: bool | None = None,
+                token: str | None = None, commit_message: str = "Upload SEN model and processor") -> str:
+    """Upload a pretrained folder (model and processor) to the Hugging Face hub; returns the commit URL.
+
+    ``SENModel.push_to_hub`` uploads the model alone; this uploads what
+    ``load_pretrained(repo_id)`` needs.
+    """
+    import tempfile
+
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(model, processor, tmp)
+        return str(api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message))

@@ -1,0 +1,179 @@
+"""SENModel / TIPRProcessor: save_pretrained, from_pretrained, push_to_hub, inference without Lightning."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from PIL import Image
+
+from tipr.model import SENConfig, SENModel, SENOutput
+from tipr.pretrained import load_pretrained, push_to_hub, save_pretrained
+from tipr.processing import TIPRProcessor
+from tipr.tokenization import load_tokenizer
+
+IMAGE_SIZE = (32, 16)
+TEXT_LENGTH = 16
+CAPTIONS = ["a man in a red shirt", "a woman with a skirt and a black bag"]
+
+
+def _model(**settings):
+    torch.manual_seed(0)
+    return SENModel.from_backbone("tiny", num_classes=3, image_size=IMAGE_SIZE, text_length=TEXT_LENGTH, **settings)
+
+
+def _pictures():
+    return [Image.new("RGB", (20, 50), (200, 30, 30)), Image.new("RGB", (24, 48), (20, 30, 220))]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    model = _model()
+    path = tmp_path_factory.mktemp("pretrained") / "sen-tiny"
+    save_pretrained(model, TIPRProcessor.for_model(model), path)
+    return path
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_round_trip_keeps_weights_config_and_losses(tmp_path, fp16):
+    model = _model(reference_fp16_weights=fp16, mask_ratio=0.6, loss_weights={"sdm": 1, "triplet": 2, "restoration": 3})
+    model.save_pretrained(tmp_path)
+    assert {"config.json", "model.safetensors"} <= {p.name for p in tmp_path.iterdir()}
+    assert json.loads((tmp_path / "config.json").read_text())["format"] == "tipr-sen"
+    loaded = SENModel.from_pretrained(tmp_path)
+    assert not loaded.training and loaded.config == model.config
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    images = torch.randn(2, 3, *IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    token_ids = TIPRProcessor.for_model(model).tokenize(CAPTIONS)
+    noise = torch.rand(2, model.embeddings.num_patches, generator=torch.Generator().manual_seed(1))
+    out = model.eval()(images, token_ids, torch.tensor([0, 1]), noise=noise)
+    again = loaded(images, token_ids, torch.tensor([0, 1]), noise=noise)
+    assert isinstance(out, SENOutput) and list(out.keys()) == ["loss", "sdm", "triplet", "restoration"]
+    assert out.id is None  # weight 0: no classifier, no term
+    assert out.loss is out["loss"]
+    assert float(out.loss) == pytest.approx(float(out.sdm + 2 * out.triplet + 3 * out.restoration), rel=1e-5)
+    for name in out.keys():
+        assert torch.equal(out[name], again[name]), name
+
+
+def test_from_pretrained_names_what_is_wrong(tmp_path, folder):
+    with pytest.raises(FileNotFoundError, match="no-such-folder: expected a pretrained folder"):
+        SENModel.from_pretrained(tmp_path / "no-such-folder")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="lacks config.json, model.safetensors"):
+        SENModel.from_pretrained(tmp_path / "empty")
+    config = json.loads((folder / "config.json").read_text())
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    (bad / "config.json").write_text(json.dumps({**config, "tir_depth": 2}))
+    with pytest.raises(ValueError, match=r"bad/config.json: unknown SEN config key\(s\) \['tir_depth'\]"):
+        SENModel.from_pretrained(bad)
+    (bad / "config.json").write_text(json.dumps({**config, "image_size": [48, 16]}))  # a 6 x 2 grid: 13 positions
+    with pytest.raises(ValueError, match=r"model.safetensors: the weights do not fit .* shapes differ"):
+        SENModel.from_pretrained(bad)
+    with pytest.raises(ValueError, match="loss weight triplet=-1.0 must be >= 0"):
+        SENConfig(clip=config["clip"], num_classes=3, loss_weights={"triplet": -1.0})
+
+
+def test_processor_round_trip_and_inputs(tmp_path, folder):
+    processor = TIPRProcessor.from_pretrained(folder)
+    assert processor.image_size == IMAGE_SIZE and processor.text_length == TEXT_LENGTH
+    shipped = TIPRProcessor(None, IMAGE_SIZE, TEXT_LENGTH)
+    assert torch.equal(processor.tokenize(CAPTIONS), shipped.tokenize(CAPTIONS))
+    pictures = _pictures()
+    pictures[0].save(tmp_path / "a.png")
+    inputs = processor(text=CAPTIONS, images=pictures)
+    assert inputs["token_ids"].shape == (2, TEXT_LENGTH) and inputs["pixel_values"].shape == (2, 3, *IMAGE_SIZE)
+    from_file = processor(images=[tmp_path / "a.png"])["pixel_values"]
+    assert torch.equal(from_file[0], inputs["pixel_values"][0])  # a path and a PIL image give the same input
+    # A red image is red after normalisation: the red channel is above the others.
+    assert inputs["pixel_values"][0, 0].mean() > inputs["pixel_values"][0, 2].mean()
+    with pytest.raises(TypeError, match="image 0 is ndarray; expected a PIL image"):
+        processor(images=[torch.zeros(3, 4, 4).numpy()])
+    with pytest.raises(ValueError, match="needs text"):
+        processor()
+
+
+def test_a_notebook_ranks_offline_without_lightning(folder):
+    """The issue's notebook: load from a folder, encode captions and PIL images, rank; no Lightning, no network."""
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from PIL import Image
+        from tipr.model import SENModel
+        from tipr.processing import TIPRProcessor
+        model = SENModel.from_pretrained({str(folder)!r})
+        processor = TIPRProcessor.from_pretrained({str(folder)!r})
+        images = [Image.new("RGB", (20, 50), (200, 30, 30)), Image.new("RGB", (24, 48), (20, 30, 220))]
+        inputs = processor(text={CAPTIONS!r}, images=images)
+        with torch.inference_mode():
+            scores = model.similarity(model.encode_text(inputs["token_ids"]), model.encode_image(inputs["pixel_values"]))
+        assert "lightning" not in sys.modules and "pytorch_lightning" not in sys.modules, "Lightning was imported"
+        print(scores.argsort(dim=1, descending=True).tolist(), scores.flatten().tolist())
+    """)
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    order, scores = json.loads("[" + result.stdout.strip().replace("] [", "], [") + "]")
+    model, processor = load_pretrained(folder)
+    inputs = processor(text=CAPTIONS, images=_pictures())
+    with torch.inference_mode():
+        expected = model.similarity(model.encode_text(inputs["token_ids"]), model.encode_image(inputs["pixel_values"]))
+    assert order == expected.argsort(dim=1, descending=True).tolist()
+    assert scores == pytest.approx(expected.flatten().tolist(), abs=1e-6)
+
+
+def test_push_to_hub_uploads_model_and_processor(monkeypatch, folder):
+    import huggingface_hub
+
+    calls = {}
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.setdefault("repo", repo_id))
+
+    def upload_folder(self, repo_id, folder_path, **kw):
+        calls["files"] = sorted(p.name for p in __import__("pathlib").Path(folder_path).iterdir())
+        calls["config"] = json.loads((__import__("pathlib").Path(folder_path) / "config.json").read_text())
+        return "https://huggingface.co/me/sen/commit/1"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    model, processor = load_pretrained(folder)
+    assert push_to_hub(model, processor, "me/sen") == "https://huggingface.co/me/sen/commit/1"
+    assert calls["repo"] == "me/sen"
+    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} <= set(calls["files"])
+    assert calls["config"] == json.loads(json.dumps(model.config.to_dict()))
+
+
+def test_a_model_trained_with_a_folder_tokenizer_reloads_with_it(tmp_path):
+    """A backbone folder brings its own tokenizer; checkpoints and the pretrained folder keep it after the
+    folder is gone (here: 'red' and 'blue' swap ids, so the shipped tokenizer would encode differently)."""
+    import shutil
+
+    import lightning.pytorch as pl
+
+    from tipr.model import TIPRModule
+    from tipr.model.backbone import build_clip
+
+    backbone = tmp_path / "clip"
+    build_clip("tiny", text_length=TEXT_LENGTH).save_pretrained(backbone)
+    load_tokenizer().save_pretrained(str(backbone))
+    spec = json.loads((backbone / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["red</w>"], vocab["blue</w>"] = vocab["blue</w>"], vocab["red</w>"]
+    (backbone / "tokenizer.json").write_text(json.dumps(spec))
+    captions = ["a red coat", "blue jeans"]
+    own = TIPRProcessor(load_tokenizer(backbone), IMAGE_SIZE, TEXT_LENGTH).tokenize(captions)
+    assert not torch.equal(own, TIPRProcessor(None, IMAGE_SIZE, TEXT_LENGTH).tokenize(captions))
+
+    module = TIPRModule(num_classes=2, backbone=str(backbone), image_size=IMAGE_SIZE, text_length=TEXT_LENGTH)
+    pairs = [{"images": torch.randn(3, *IMAGE_SIZE), "token_ids": own[i % 2], "pids": i % 2} for i in range(4)]
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(pairs, batch_size=4))
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    shutil.rmtree(backbone)
+
+    assert torch.equal(TIPRModule.load_from_checkpoint(tmp_path / "model.ckpt").processor.tokenize(captions), own)
+    for source in (tmp_path / "model.ckpt", tmp_path / "pretrained"):
+        assert torch.equal(load_pretrained(source)[1].tokenize(captions), own), source
