@@ -8,7 +8,7 @@ colours from a palette of six, plus a gray texture. The palette is
 image the encoder sees carries no colour at all; the caption names both colours
 ("a person in a shirt that is red and trousers that are blue", in either order).
 
-A tiny random CLIP is trained with the full SEN loss (sdm + id + tri + tir,
+A tiny random CLIP is trained with the full SEN loss (sdm + id + triplet + restoration,
 reference weights) through ``TIPRModule`` and a Lightning ``Trainer`` on CPU.
 Then, on held-out images and with the same masks, the masked-patch restoration
 error is measured with the true captions, with the captions shuffled across the
@@ -27,96 +27,11 @@ predicting zero colour 0.373 (before training all three captions gave 0.68-0.69)
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from tipr.model.restoration import GRAYSCALE_WEIGHTS
-from tipr.tokenization import tokenize
-
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
-TEMPLATES = (
-    "a person in a shirt that is {upper} and trousers that are {lower}",
-    "this person wears {lower} trousers with the shirt in {upper}",
-)
-IMAGE_SIZE = (64, 32)  # patch 8 (tiny preset): an 8 x 4 grid
-TEXT_LENGTH = 24
-
-
-def isoluminant_palette(n: int = len(COLOURS), radius: float = 1.0) -> torch.Tensor:
-    """``(n, 3)`` colours in the model's input space with zero grayscale value, evenly spread in hue."""
-    w = torch.tensor(GRAYSCALE_WEIGHTS, dtype=torch.float64)
-    u = torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64)
-    u -= (u @ w) / (w @ w) * w
-    u /= u.norm()
-    v = torch.linalg.cross(w / w.norm(), u)
-    angles = torch.arange(n, dtype=torch.float64) * 2 * math.pi / n
-    palette = radius * (torch.cos(angles)[:, None] * u + torch.sin(angles)[:, None] * v)
-    return palette.float()
-
-
-class ColourOnlyInText(Dataset):
-    """Images whose colours only the caption tells; identity = (upper, lower) colour pair."""
-
-    def __init__(self, size: int, seed: int, texture: float = 0.2, image_size: tuple[int, int] = IMAGE_SIZE):
-        g = torch.Generator().manual_seed(seed)
-        n = len(COLOURS)
-        self.upper = torch.randint(n, (size,), generator=g)
-        self.lower = torch.randint(n, (size,), generator=g)
-        self.pids = self.upper * n + self.lower
-        palette = isoluminant_palette()
-        h, w = image_size
-        images = torch.empty(size, 3, h, w)
-        images[:, :, : h // 2] = palette[self.upper][:, :, None, None]
-        images[:, :, h // 2 :] = palette[self.lower][:, :, None, None]
-        # Gray texture (equal in R, G, B): visible after grayscale, says nothing about colour.
-        images += texture * torch.randn(size, 1, h, w, generator=g)
-        self.images = images
-        templates = torch.randint(len(TEMPLATES), (size,), generator=g)
-        captions = [
-            TEMPLATES[t].format(upper=COLOURS[u], lower=COLOURS[l])
-            for t, u, l in zip(templates.tolist(), self.upper.tolist(), self.lower.tolist())
-        ]
-        self.captions = captions
-        self.token_ids = tokenize(captions, context_length=TEXT_LENGTH)
-
-    def __len__(self) -> int:
-        return len(self.pids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"images": self.images[i], "token_ids": self.token_ids[i], "pids": self.pids[i], "index": i}
-
-
-@torch.no_grad()
-def restoration_errors(network, data: ColourOnlyInText, batch_size: int = 64, seed: int = 123) -> dict[str, float]:
-    """Masked-patch MSE with true, shuffled and colourless captions (same images, same masks)."""
-    from tipr.model.losses import masked_patch_mse
-
-    was_training = network.training
-    network.eval()
-    g = torch.Generator().manual_seed(seed)
-    colourless = tokenize(["a person in a shirt and trousers"], context_length=TEXT_LENGTH)
-    sums = {"true captions": 0.0, "shuffled captions": 0.0, "colourless caption": 0.0, "predict zero colour": 0.0}
-    batches = 0
-    for start in range(0, len(data), batch_size):
-        images = data.images[start : start + batch_size]
-        token_ids = data.token_ids[start : start + batch_size]
-        b = images.shape[0]
-        noise = torch.rand(b, network.embeddings.num_patches, generator=g)
-        shuffled = token_ids[torch.roll(torch.arange(b), 1)]  # every caption moves to another image
-        for name, ids in (("true captions", token_ids), ("shuffled captions", shuffled),
-                          ("colourless caption", colourless.expand(b, -1))):
-            text_tokens, eot = network.text_tokens(ids)
-            out = network.restore(images, text_tokens, eot, noise=noise)
-            sums[name] += float(masked_patch_mse(out["prediction"], out["target"], out["mask"]))
-        sums["predict zero colour"] += float(
-            masked_patch_mse(torch.zeros_like(out["target"]), out["target"], out["mask"])
-        )
-        batches += 1
-    network.train(was_training)
-    return {name: value / batches for name, value in sums.items()}
+from tipr.diagnostics import IMAGE_SIZE, ColourOnlyInText, restoration_errors, train_tiny_sen
 
 
 def main(argv=None) -> dict[str, float]:
@@ -133,33 +48,13 @@ def main(argv=None) -> dict[str, float]:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
 
-    import lightning.pytorch as pl
-
-    from tipr.model import TIPRModule
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    pl.seed_everything(args.seed, verbose=False)
     image_size = tuple(args.image_size)
     train = ColourOnlyInText(args.train_size, seed=args.seed, image_size=image_size)
     held_out = ColourOnlyInText(args.eval_size, seed=10_000 + args.seed, image_size=image_size)
-    module = TIPRModule(
-        num_classes=len(COLOURS) ** 2,
-        backbone="tiny",
-        image_size=image_size,
-        text_length=TEXT_LENGTH,
-        mask_ratio=args.mask_ratio,
-        lr=args.lr,
-        warmup_epochs=0.5,
-    )
-    before = restoration_errors(module.network, held_out)
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=args.steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-    )
-    loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, drop_last=True)
     start = time.perf_counter()
-    trainer.fit(module, train_dataloaders=loader)
+    module, before = train_tiny_sen(train, held_out, args.steps, args.batch_size, args.lr, args.mask_ratio, args.seed)
     seconds = time.perf_counter() - start
     after = restoration_errors(module.network, held_out)
 

@@ -1,4 +1,4 @@
-"""Text guides the restoration: a light run of experiments/tir_text_guidance.py.
+"""Text guides the restoration: a light run of the check in tipr.diagnostics (experiments/tir_text_guidance.py).
 
 On images whose colours only the caption tells (isoluminant palette, so the
 grayscale input holds no colour), a short SEN training run restores masked
@@ -6,26 +6,13 @@ patches much better with the true captions than with captions shuffled across
 the batch or a caption without colours.
 """
 
-import importlib.util
-from pathlib import Path
-
-import pytest
 import torch
 
+from tipr import diagnostics as experiment
 from tipr.model.restoration import to_grayscale
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "tir_text_guidance.py"
 
-
-@pytest.fixture(scope="module")
-def experiment():
-    spec = importlib.util.spec_from_file_location("tir_text_guidance", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_toy_images_hold_colour_only_in_the_caption(experiment):
+def test_toy_images_hold_colour_only_in_the_caption():
     data = experiment.ColourOnlyInText(8, seed=0)
     palette = experiment.isoluminant_palette()
     assert torch.allclose(to_grayscale(palette.view(-1, 3, 1, 1)), torch.zeros(len(palette), 3, 1, 1), atol=1e-6)
@@ -42,7 +29,7 @@ def test_toy_images_hold_colour_only_in_the_caption(experiment):
         assert experiment.COLOURS[int(data.lower[i])] in data.captions[i]
 
 
-def test_true_captions_restore_better_than_shuffled_ones(experiment):
+def test_true_captions_restore_better_than_shuffled_ones():
     """Text guidance is learnt, by a margin far wider than build-to-build noise.
 
     A model that ignores the text can do no better on these isoluminant colours
@@ -56,14 +43,10 @@ def test_true_captions_restore_better_than_shuffled_ones(experiment):
     0.33 against 0.39 shuffled; at lr 1e-3 one seed in eight had learnt no text
     guidance after 200 steps.)
     """
-    threads = torch.get_num_threads()
-    try:
-        errors = experiment.main(
-            ["--steps", "300", "--batch-size", "16", "--train-size", "256", "--eval-size", "64", "--lr", "5e-4",
-             "--image-size", "32", "16", "--threads", "1"]
-        )
-    finally:
-        torch.set_num_threads(threads)
+    train = experiment.ColourOnlyInText(256, seed=0, image_size=(32, 16))
+    held_out = experiment.ColourOnlyInText(64, seed=10_000, image_size=(32, 16))
+    module, _ = experiment.train_tiny_sen(train, held_out, steps=300, batch_size=16, lr=5e-4)
+    errors = experiment.restoration_errors(module.network, held_out)
     assert errors["true captions"] < 0.7 * errors["predict zero colour"], errors
     assert errors["true captions"] < 0.6 * errors["shuffled captions"], errors
     assert errors["true captions"] < 0.8 * errors["colourless caption"], errors
