@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 
 from tipr.model.backbone import (
-    BACKBONE_PRESETS,
     GridVisionEmbeddings,
     build_clip,
     clip_config,
@@ -119,10 +118,6 @@ def test_local_folder_loads_without_network(tmp_path, monkeypatch):
     for (name, a), (_, b) in zip(source.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
     assert loaded.config._attn_implementation == "sdpa"
-
-
-def test_presets_are_listed():
-    assert "tiny" in BACKBONE_PRESETS
 
 
 def test_hub_id_goes_to_from_pretrained_and_failures_name_it(monkeypatch):

@@ -1,7 +1,7 @@
 """The ``tipr`` command: LightningCLI over ``TIPRModule`` and ``TIPRDataModule``.
 
     tipr fit --config experiments/synthetic.yaml
-    tipr fit --config experiments/sen_cuhk_pedes.yaml --data.root /data --model.tir_weight=5
+    tipr fit --config experiments/sen_cuhk_pedes.yaml --data.root /data --model.restoration_weight=5
     tipr test --config experiments/sen_cuhk_pedes.yaml --ckpt_path path/to/best.ckpt
 
 Every constructor argument of the two classes is an option (``--model.*``,

@@ -10,7 +10,7 @@ positions steer. Restoring the colour of the hidden patches therefore needs the
 caption's colour and attribute words, which ties words to image regions.
 
 This module holds the helpers (grayscale, masking, patchify) and the decoder,
-:class:`TextGuidedRestoration`; :class:`tipr.model.SENNetwork` runs the
+:class:`TextGuidedRestoration`; :class:`tipr.model.SENModel` runs the
 encoder part and the loss (:func:`tipr.model.losses.masked_patch_mse`).
 """
 
