@@ -169,7 +169,7 @@ def test_checkpoint_round_trip_needs_neither_weights_nor_network(tmp_path):
     torch.manual_seed(1)
     build_clip("tiny", text_length=TEXT_LENGTH).save_pretrained(tmp_path / "clip")
     module = _module(backbone=str(tmp_path / "clip"), mask_ratio=0.6, restoration_weight=5.0)
-    trainer = _trainer(tmp_path, max_epochs=1)
+    trainer = _trainer(tmp_path, max_epochs=1, enable_checkpointing=True)  # fit end exports its checkpoint
     trainer.fit(module, datamodule=ToyData())
     trainer.save_checkpoint(tmp_path / "model.ckpt")
     shutil.rmtree(tmp_path / "clip")

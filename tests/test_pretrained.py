@@ -168,8 +168,8 @@ def test_a_model_trained_with_a_folder_tokenizer_reloads_with_it(tmp_path):
 
     module = TIPRModule(num_classes=2, backbone=str(backbone), image_size=IMAGE_SIZE, text_length=TEXT_LENGTH)
     pairs = [{"images": torch.randn(3, *IMAGE_SIZE), "token_ids": own[i % 2], "pids": i % 2} for i in range(4)]
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)  # fit end writes pretrained/
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(pairs, batch_size=4))
     trainer.save_checkpoint(tmp_path / "model.ckpt")
     shutil.rmtree(backbone)

@@ -259,7 +259,9 @@ class TIPRModule(pl.LightningModule):
             self._processor = TIPRProcessor.from_payload(files, self.network.image_size, self.network.text_length)
 
     def on_fit_end(self) -> None:
-        if self.trainer.is_global_zero:
+        # Only runs that keep something (a logger or a checkpoint callback) leave a pretrained folder.
+        trainer = self.trainer
+        if trainer.is_global_zero and (trainer.loggers or trainer.checkpoint_callbacks):
             from tipr.checkpointing import export_pretrained
 
-            export_pretrained(self.trainer, self.network, self.processor)
+            export_pretrained(trainer, self.network, self.processor)
