@@ -5,6 +5,7 @@ import torch
 
 from tipr.metrics import functional as metrics_functional
 from tipr.metrics import retrieval_ranks
+from tipr.metrics.counting import sparse_nonzero
 
 
 def brute_force(similarity, query_pids, gallery_pids, ks=(1, 5, 10)):
@@ -114,10 +115,10 @@ def test_sparse_nonzero_equals_nonzero():
     for size in (0, 7, 8, 64, 1001):
         mask = torch.rand(size, generator=generator) < 0.05
         mask[size // 2 : size // 2 + 1] = True
-        assert torch.equal(metrics_functional._sparse_nonzero(mask), mask.nonzero().squeeze(1))
+        assert torch.equal(sparse_nonzero(mask), mask.nonzero().squeeze(1))
     offset = torch.zeros(20, dtype=torch.bool)
     offset[[3, 9, 19]] = True
-    assert torch.equal(metrics_functional._sparse_nonzero(offset[3:]), torch.tensor([0, 6, 16]))
+    assert torch.equal(sparse_nonzero(offset[3:]), torch.tensor([0, 6, 16]))
 
 
 def test_deterministic_mode_and_uninitialised_buffers():

@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tipr.metrics.counting import Buffer, RelevantRankCounter
+
 __all__ = ["retrieval_ranks"]
 
 #: Default size in bytes of one block of similarities (chunk x gallery) when
@@ -71,10 +73,6 @@ COUNT_BLOCK_ENTRIES_ACCELERATOR = 2**24
 #: counting several times slower); independent sub-blocks per thread scale
 #: instead. ``None``: as many threads as ``torch.get_num_threads()``.
 CPU_COUNT_THREADS: int | None = None
-
-#: Most bins per query row; fewer make the histogram fit the cache, more leave
-#: fewer gallery items sharing a bin with a relevant one.
-MAX_BINS = 4096
 
 _EMPTY_TARGET_ACTIONS = ("error", "skip")
 
@@ -186,11 +184,11 @@ def retrieval_ranks(
     first_rank = torch.empty(num_kept, dtype=torch.long, device=device)
     average_precision = torch.empty(num_kept, dtype=acc_dtype, device=device)
     inverse_negative_penalty = torch.empty(num_kept, dtype=acc_dtype, device=device)
-    block_buffer = _Buffer((chunk_size, num_gallery), dtype, device)
+    block_buffer = Buffer((chunk_size, num_gallery), dtype, device)
     workers = 1
     if device.type == "cpu":
         workers = max(1, min(CPU_COUNT_THREADS or torch.get_num_threads(), -(-num_kept // count_rows)))
-    counters = [_RelevantRankCounter(num_gallery, count_rows, dtype, device) for _ in range(workers)]
+    counters = [RelevantRankCounter(num_gallery, count_rows, dtype, device) for _ in range(workers)]
 
     def count(counter: _RelevantRankCounter, block: Tensor, block_begin: int, spans: list[tuple[int, int]]) -> None:
         """Ranks of the queries of each ``begin:end`` span (kept-query positions) from their rows of ``block``."""
@@ -242,130 +240,6 @@ def _intra_op_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-class _Buffer:
-    """A work tensor allocated on first use and reused (leading rows sliced) across blocks."""
-
-    def __init__(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device):
-        self.shape, self.dtype, self.device = shape, dtype, device
-        self._tensor: Tensor | None = None
-
-    def __call__(self, rows: int) -> Tensor:
-        if self._tensor is None:
-            self._tensor = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-        return self._tensor[:rows]
-
-
-class _RelevantRankCounter:
-    """Ranks of the relevant items of a few queries, by counting (see module docstring)."""
-
-    def __init__(self, num_gallery: int, max_rows: int, dtype: torch.dtype, device: torch.device):
-        # M equal-width bins per row: about 4 gallery items per bin on average,
-        # so few items share a bin with a relevant one; at most MAX_BINS keeps
-        # the per-row histogram in the cache.
-        self.num_bins = max(16, min(MAX_BINS, num_gallery // 4))
-        self._binned = _Buffer((max_rows, num_gallery), dtype, device)
-        self._bin = _Buffer((max_rows, num_gallery), torch.int32, device)
-
-    def __call__(self, sim: Tensor, relevant: Tensor, valid: Tensor, n: Tensor) -> Tensor:
-        """Pessimistic 1-based rank of each relevant item.
-
-        Args:
-            sim: (c, G) similarities of some queries, contiguous, finite.
-            relevant: (c, K) gallery column of each relevant item (padding repeats a valid one).
-            valid: (c, K) which entries of ``relevant`` are real.
-            n: (c,) number of relevant items per query (>= 1).
-
-        Returns:
-            (c, K) long ranks, ordered by ascending similarity of the relevant
-            item; entries where ``valid`` is False are meaningless.
-        """
-        rows, num_gallery = sim.shape
-        width = relevant.shape[1]
-        device = sim.device
-        num_bins = self.num_bins
-        bins_per_row = num_bins + 1
-        binned, bin_index = self._binned(rows), self._bin(rows)
-
-        # 1. the relevant similarities, sorted ascending; padding -> +inf at the end
-        threshold = sim.gather(1, relevant).masked_fill_(~valid, float("inf"))
-        threshold, order = threshold.sort(dim=1)  # (c, K)
-        relevant = relevant.gather(1, order)
-
-        # 2. bin of every similarity: M equal-width bins over the sub-block's
-        # range, so the items spread over the bins as their similarities do (a
-        # bin holding most items would serialise the histogram's increments).
-        # Each step is a separate, correctly rounded, non-decreasing operation,
-        # so s > t implies bin(s) >= bin(t): a higher bin always means a strictly
-        # higher similarity. Any finite positive scale keeps this true.
-        low, high = torch.aminmax(sim)
-        finfo = torch.finfo(sim.dtype)
-        span = high.double() - low.double()
-        scale = (num_bins / span.clamp(min=finfo.tiny)).clamp(min=finfo.tiny, max=finfo.max).to(sim.dtype)
-        torch.sub(sim, low, out=binned)
-        binned.mul_(scale).clamp_(0, num_bins)
-        bin_index.copy_(binned)  # truncation == floor on values >= 0
-        row_offset = torch.arange(rows, dtype=torch.int32, device=device)[:, None] * bins_per_row
-        bin_index.add_(row_offset)  # (c, G): bins of row r are r * B ... r * B + B - 1
-        histogram = torch.bincount(bin_index.view(-1), minlength=rows * bins_per_row).view(rows, bins_per_row)
-        threshold_bin = bin_index.gather(1, relevant).long()  # (c, K), absolute bin ids
-        at_or_below = histogram.cumsum(1).gather(1, threshold_bin - row_offset)
-        above = num_gallery - at_or_below  # items in a strictly higher bin: s > u_j
-
-        # 3. items sharing a bin with a relevant item: compare exactly. The
-        # relevant items of one bin are consecutive in j (a run); a table maps a
-        # bin to the flat slot r * K + j of its run's first item, and the run
-        # length is kept at that slot.
-        first_in_run = valid.clone()
-        first_in_run[:, 1:] &= threshold_bin[:, 1:] != threshold_bin[:, :-1]
-        runs = first_in_run.view(-1).nonzero().squeeze(1)  # flat slots, ascending
-        run_length = torch.zeros(rows * width, dtype=torch.long, device=device)
-        run_length[runs] = torch.bincount(first_in_run.view(-1).cumsum(0)[valid.view(-1)] - 1)
-        longest_run = int(run_length.max())
-        first_slot = torch.full((rows * bins_per_row,), -1, dtype=torch.int32, device=device)
-        first_slot[threshold_bin.view(-1)[runs]] = runs.to(torch.int32)
-        candidates = _sparse_nonzero((first_slot >= 0).index_select(0, bin_index.view(-1)))  # flat positions
-        threshold_flat = threshold.view(-1)
-        same_bin_at_or_above = torch.zeros(rows * width, dtype=torch.long, device=device)
-        block = max(1, rows * num_gallery // 4)  # bounds the temporaries when most similarities tie
-        for begin in range(0, candidates.numel(), block):
-            flat = candidates[begin : begin + block]
-            value = sim.view(-1).index_select(0, flat)
-            first = first_slot.index_select(0, bin_index.view(-1).index_select(0, flat)).long()
-            length = run_length.index_select(0, first)
-            for t in range(longest_run):  # usually 1: one relevant item per shared bin
-                inside = length > t
-                at = torch.where(inside, first + t, first)  # slot of the run's t-th relevant item
-                hit = inside & (value >= threshold_flat.index_select(0, at))
-                same_bin_at_or_above.scatter_add_(0, at, hit.long())
-        at_or_above_threshold = above + same_bin_at_or_above.view(rows, width)  # s >= u_j, relevant included
-
-        # relevant items with s >= u_j (the padding is +inf, never below a real threshold)
-        relevant_at_or_above = n[:, None] - torch.searchsorted(threshold, threshold)
-        position = torch.arange(width, device=device)
-        # rank of the j-th lowest = its place among the relevant items (n - j)
-        # + the non-relevant items with s >= u_j (pessimistic ties)
-        return (n[:, None] - position) + at_or_above_threshold - relevant_at_or_above
-
-
-def _sparse_nonzero(mask: Tensor) -> Tensor:
-    """Positions of the True entries of a flat bool tensor, ascending, for masks that are mostly False.
-
-    ``nonzero`` costs about a nanosecond per entry on CPU; read as 8-byte words,
-    the mask has 8 times fewer entries to scan, and only the few non-zero words
-    are looked into byte by byte.
-    """
-    head = mask.numel() - mask.numel() % 8
-    if mask.storage_offset() % 8:
-        return mask.nonzero().squeeze(1)
-    words = mask[:head].view(torch.int64)  # (N / 8,)
-    hit_words = words.nonzero().squeeze(1)
-    within = mask[:head].view(-1, 8).index_select(0, hit_words).nonzero()  # (m, 2): word row, byte
-    positions = hit_words.index_select(0, within[:, 0]) * 8 + within[:, 1]
-    if head == mask.numel():
-        return positions
-    return torch.cat([positions, mask[head:].nonzero().squeeze(1) + head])
 
 
 def _similarity_source(
