@@ -7,8 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from tipr.model.losses import (
-    HardestNegativeTripletLoss,
-    SDMLoss,
     hardest_negative_triplet_loss,
     identity_classifier,
     identity_loss,
@@ -59,7 +57,6 @@ def test_sdm_matches_loops_with_shared_identities():
             rows.append(kl)
         total += sum(rows) / b
     assert sdm_loss(image, text, pids, temperature=tau, eps=eps).item() == pytest.approx(total, rel=1e-6)
-    assert SDMLoss(tau, eps)(image, text, pids).item() == pytest.approx(total, rel=1e-6)
 
 
 def test_sdm_is_scale_invariant_and_rejects_bad_temperature():
@@ -67,7 +64,7 @@ def test_sdm_is_scale_invariant_and_rejects_bad_temperature():
     pids = torch.tensor([0, 1, 2, 0, 1])
     assert sdm_loss(3 * image, 0.5 * text, pids).item() == pytest.approx(sdm_loss(image, text, pids).item())
     with pytest.raises(ValueError, match="-1"):
-        SDMLoss(temperature=-1)
+        sdm_loss(image, text, pids, temperature=-1)
 
 
 def test_identity_loss_is_mean_of_two_cross_entropies():
@@ -128,7 +125,7 @@ def test_triplet_random_batch_and_anchors_without_negatives():
             neg = max(float(s[i, j]) for j in range(6) if pids[j] != pids[i])
             per_row.append(max(0.0, neg - float(s[i, i]) + m))
         expected += sum(per_row) / 6
-    assert HardestNegativeTripletLoss(m)(image, text, pids).item() == pytest.approx(expected, rel=1e-6)
+    assert hardest_negative_triplet_loss(image, text, pids, m).item() == pytest.approx(expected, rel=1e-6)
     # A batch of one identity has no negatives: loss 0 (never a same-identity "negative"), still differentiable.
     image.requires_grad_(True)
     loss = hardest_negative_triplet_loss(image, text, torch.zeros(6, dtype=torch.long), margin=m)

@@ -31,9 +31,3 @@ def identity_classifier(dim: int, num_classes: int) -> nn.Linear:
     nn.init.zeros_(classifier.bias)
     return classifier
 
-
-class IdentityLoss(nn.Module):
-    """Module form of :func:`identity_loss`: ``forward(image_logits, text_logits, pids)``."""
-
-    def forward(self, image_logits, text_logits, pids):
-        return identity_loss(image_logits, text_logits, pids)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 def itc_loss(image_features: torch.Tensor, text_features: torch.Tensor, temperature: float = 0.02) -> torch.Tensor:
@@ -25,13 +24,3 @@ def itc_loss(image_features: torch.Tensor, text_features: torch.Tensor, temperat
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
-
-class ITCLoss(nn.Module):
-    """Module form of :func:`itc_loss`."""
-
-    def __init__(self, temperature: float = 0.02):
-        super().__init__()
-        self.temperature = temperature
-
-    def forward(self, image_features, text_features, pids=None):
-        return itc_loss(image_features, text_features, self.temperature)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 def sdm_loss(
@@ -37,6 +36,8 @@ def sdm_loss(
     Returns:
         0-dim tensor.
     """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     image = F.normalize(image_features.float(), dim=-1)
     text = F.normalize(text_features.float(), dim=-1)
     i2t = image @ text.t() / temperature  # (B, B): row i = image i against every caption
@@ -49,16 +50,3 @@ def sdm_loss(
 
     return kl_rows(i2t) + kl_rows(i2t.t())
 
-
-class SDMLoss(nn.Module):
-    """Module form of :func:`sdm_loss`: ``forward(image_features, text_features, pids)``."""
-
-    def __init__(self, temperature: float = 0.02, eps: float = 1e-8):
-        super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = temperature
-        self.eps = eps
-
-    def forward(self, image_features, text_features, pids):
-        return sdm_loss(image_features, text_features, pids, self.temperature, self.eps)

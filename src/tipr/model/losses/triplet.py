@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 def _hardest_negative_direction(similarity: torch.Tensor, negatives: torch.Tensor, margin: float) -> torch.Tensor:
@@ -45,13 +44,3 @@ def hardest_negative_triplet_loss(
         t2i.t(), negatives, margin
     )
 
-
-class HardestNegativeTripletLoss(nn.Module):
-    """Module form of :func:`hardest_negative_triplet_loss`."""
-
-    def __init__(self, margin: float = 0.05):
-        super().__init__()
-        self.margin = margin
-
-    def forward(self, image_features, text_features, pids):
-        return hardest_negative_triplet_loss(image_features, text_features, pids, self.margin)
