@@ -68,6 +68,13 @@ def format_results_table(results: dict[str, float], dataset: str, method: str = 
 class TIPRCLI(LightningCLI):
     """LightningCLI with the links, checkpointing and result tables of ``tipr``."""
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # No ``predict``: features come from ``SENModel.encode_*`` (``tipr index`` for a folder of images).
+        commands = LightningCLI.subcommands()
+        commands.pop("predict", None)
+        return commands
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.image_size", "model.image_size")

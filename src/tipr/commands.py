@@ -57,7 +57,7 @@ def main(args: Sequence[str] | None = None) -> int | None:
     epilog = "Using a trained model: " + "; ".join(
         f"'tipr {name}' to {text}" for name, (_, text) in MODEL_COMMANDS.items()
     ) + "."
-    return lightning_main(argv, epilog=epilog)
+    return lightning_main(None if args is None else argv, epilog=epilog)  # None: LightningCLI reads sys.argv
 
 
 if __name__ == "__main__":
