@@ -13,9 +13,10 @@ kept and reused), indexes them with ``tipr.search.build_index`` and times:
 
 The model is the synthetic job's (``experiments/synthetic.yaml``: its backbone,
 image size and text length; random weights, which do not change the speed)
-or a trained checkpoint (``--ckpt``).
+or a trained one (``--model``: a pretrained folder, a hub id or a ``.ckpt`` file).
+Only the inference API is used (``SENModel`` + ``TIPRProcessor``, no Lightning).
 
-    python experiments/bench_search.py [--ckpt best.ckpt] [--images 10000] [--device cuda] [--workers 4]
+    python experiments/bench_search.py [--model outputs/.../pretrained] [--images 10000] [--device cuda] [--workers 4]
 """
 
 from __future__ import annotations
@@ -31,24 +32,30 @@ import torch
 import yaml
 
 from tipr.data.synthetic import describe, draw_person, sample_person
-from tipr.model import TIPRModule
+from tipr.model import SENModel
+from tipr.pretrained import load_pretrained
+from tipr.processing import TIPRProcessor
 from tipr.search import build_index, search
 
 CONFIG = Path(__file__).with_name("synthetic.yaml")
 
 
-def load_model(ckpt: str | None, backbone: str | None = None, image_size: list[int] | None = None) -> TIPRModule:
-    """A trained checkpoint, or random weights: the synthetic job's backbone, or ``backbone`` (JSON config dict)."""
-    if ckpt:
-        return TIPRModule.load_from_checkpoint(ckpt, map_location="cpu")
+def load_model(
+    source: str | None, backbone: str | None = None, image_size: list[int] | None = None
+) -> tuple[SENModel, TIPRProcessor]:
+    """A trained model (pretrained folder, hub id or ``.ckpt``), or random weights: the synthetic job's
+    backbone, or ``backbone`` (JSON config dict)."""
+    if source:
+        return load_pretrained(source)
     config = yaml.safe_load(CONFIG.read_text())
     torch.manual_seed(0)
-    return TIPRModule(
+    model = SENModel.from_backbone(
+        json.loads(backbone) if backbone else config["model"]["backbone"],
         num_classes=1,
-        backbone=json.loads(backbone) if backbone else config["model"]["backbone"],
         image_size=tuple(image_size or config["data"]["image_size"]),
         text_length=config["data"]["text_length"],
-    )
+    ).eval()
+    return model, TIPRProcessor.for_model(model)
 
 
 def write_images(folder: Path, count: int, image_size: tuple[int, int]) -> None:
@@ -75,9 +82,10 @@ def timed(fn, device: torch.device) -> tuple[float, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", help="a trained tipr checkpoint (default: the synthetic job's model, random weights)")
-    parser.add_argument("--backbone", help="without --ckpt: a JSON dict of CLIPConfig arguments (random weights of that shape)")
-    parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="without --ckpt: the model's input size")
+    parser.add_argument("--model", help="a trained model: pretrained folder, hub id or .ckpt file "
+                        "(default: the synthetic job's model, random weights)")
+    parser.add_argument("--backbone", help="without --model: a JSON dict of CLIPConfig arguments (random weights of that shape)")
+    parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="without --model: the model's input size")
     parser.add_argument("--images", type=int, default=10_000)
     parser.add_argument("--folder", help="keep the images here (default: a temporary folder, deleted at the end)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -88,8 +96,9 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    module = load_model(args.ckpt, args.backbone, args.image_size).eval().to(device)
-    image_size = tuple(int(s) for s in module.hparams.image_size)
+    model, processor = load_model(args.model, args.backbone, args.image_size)
+    model = model.to(device)
+    image_size = processor.image_size
     rng = np.random.default_rng(2)
     queries = [describe(sample_person(rng), rng) for _ in range(args.queries)]
     with tempfile.TemporaryDirectory(prefix="tipr-bench-search-") as tmp:
@@ -99,18 +108,19 @@ def main() -> None:
         print(f"{args.images:,} images of {image_size[0]}x{image_size[1]} in {folder} ({time.perf_counter() - start:.1f} s)")
         out = Path(tmp) / "bench.gallery"
         kwargs = {"batch_size": args.batch_size, "num_workers": args.workers, "progress": False}
-        seconds, gallery = timed(lambda: build_index(module, folder, out, **kwargs), device)
+        seconds, gallery = timed(lambda: build_index(model, processor, folder, out, **kwargs), device)
         print(f"index: {len(gallery) / seconds:,.0f} images/s ({len(gallery):,} images in {seconds:.1f} s, "
               f"batch {args.batch_size}, {args.workers} workers, {device})")
-        seconds, again = timed(lambda: build_index(module, folder, out, **kwargs), device)
+        seconds, again = timed(lambda: build_index(model, processor, folder, out, **kwargs), device)
         print(f"index again, nothing changed: {seconds:.2f} s (encoded {len(again.report.encoded)})")
 
     gallery = gallery.to(device)
     for q in queries[:3]:  # warm-up
-        search(module, gallery, q, args.top_k)
-    single = [timed(lambda: search(module, gallery, q, args.top_k), device)[0] for q in queries]
-    batched, _ = timed(lambda: search(module, gallery, queries, args.top_k), device)
-    text = module.encode_captions(queries[:1])  # (1, D)
+        search(model, processor, gallery, q, args.top_k)
+    single = [timed(lambda: search(model, processor, gallery, q, args.top_k), device)[0] for q in queries]
+    batched, _ = timed(lambda: search(model, processor, gallery, queries, args.top_k), device)
+    with torch.inference_mode():
+        text = torch.nn.functional.normalize(model.encode_text(processor.tokenize(queries[:1]).to(device)), dim=-1)
     ranking = [timed(lambda: torch.topk(text @ gallery.features.T, args.top_k, dim=1)[0].tolist(), device)[0]
                for _ in queries]
     n = len(gallery)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -15,14 +16,23 @@ import pytest
 import torch
 from PIL import Image
 
-import tipr.search as search_module
-from tipr.cli import main
+import tipr.search.indexing as indexing_module
+from tipr.commands import main
 from tipr.data import TIPRDataModule
 from tipr.data.datasets import read_image
-from tipr.data.transforms import build_eval_transform
-from tipr.model import TIPRModule
-from tipr.search import GalleryError, GalleryIndex, build_index, contact_sheet, model_fingerprint, search
-from tipr.visualization import to_pil
+from tipr.model import SENModel, TIPRModule
+from tipr.pretrained import load_pretrained, save_pretrained
+from tipr.processing import TIPRProcessor
+from tipr.render import line_height, load_font, to_tile, wrap_text
+from tipr.search import (
+    GalleryError,
+    GalleryIndex,
+    SearchHit,
+    build_index,
+    contact_sheet,
+    model_fingerprint,
+    search,
+)
 
 IMAGE_SIZE = (32, 16)
 TEXT_LENGTH = 32
@@ -31,9 +41,12 @@ NUM_IDS = 8
 
 @dataclass
 class Trained:
-    module: TIPRModule  # loaded back from ckpt, as the commands do
-    ckpt: Path
-    other_ckpt: Path  # the same model with one weight nudged: another fingerprint
+    model: SENModel  # loaded back from the pretrained folder, as the commands do
+    processor: TIPRProcessor
+    folder: Path  # its pretrained folder
+    ckpt: Path  # the Lightning checkpoint it came from: the same weights
+    other: Path  # a pretrained folder of the same model with one weight nudged: another fingerprint
+    other_ckpt: Path  # the same nudge in a Lightning checkpoint
     image_dir: Path  # the synthetic benchmark's imgs/
     images: list[str]  # one training image per identity, relative to image_dir
     captions: list[str]  # a training caption of each of those images
@@ -56,12 +69,12 @@ def trained(tmp_path_factory) -> Trained:
     pl.seed_everything(0, verbose=False)
     data = TIPRDataModule(
         "synthetic", str(root / "data"), image_size=IMAGE_SIZE, batch_size=8, num_workers=0, text_length=TEXT_LENGTH,
-        prune_prob=0.0, num_train_ids=NUM_IDS, num_val_ids=0, num_test_ids=1, images_per_id=1, captions_per_image=2,
-        synthetic_image_size=(64, 32),
+        prune_prob=0.0, synthetic={"num_train_ids": NUM_IDS, "num_val_ids": 0, "num_test_ids": 1, "images_per_id": 1,
+                                   "captions_per_image": 2, "image_size": (64, 32)},
     )
     module = TIPRModule(
         num_classes=data.num_classes, backbone="tiny", image_size=IMAGE_SIZE, text_length=TEXT_LENGTH, lr=1.5e-3,
-        adam_eps=1e-8, warmup_epochs=0.5, tir_weight=0.0,
+        adam_eps=1e-8, warmup_epochs=0.5, restoration_weight=0.0,
     )
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=30, logger=False, enable_checkpointing=False,
@@ -75,12 +88,23 @@ def trained(tmp_path_factory) -> Trained:
     checkpoint["state_dict"]["network.clip.text_projection.weight"] += 1e-3
     torch.save(checkpoint, root / "other.ckpt")
 
+    model, processor = load_pretrained(ckpt)
+    save_pretrained(model, processor, root / "pretrained")
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.clip.text_projection.weight += 1e-3
+    save_pretrained(other, processor, root / "other")
+
     benchmark = data.benchmark
     train = benchmark.split("train")
     first_caption = {int(img): c for c, img in reversed(list(enumerate(train.caption_images)))}
+    model, processor = load_pretrained(root / "pretrained")
     return Trained(
-        module=TIPRModule.load_from_checkpoint(ckpt, map_location="cpu"),
+        model=model,
+        processor=processor,
+        folder=root / "pretrained",
         ckpt=ckpt,
+        other=root / "other",
         other_ckpt=root / "other.ckpt",
         image_dir=Path(benchmark.image_dir),
         images=[str(p) for p in train.image_paths],
@@ -118,11 +142,12 @@ def photos(trained, tmp_path) -> Path:
 TIE = 1e-5
 
 
-def brute_force_scores(module: TIPRModule, folder: Path, paths: list[str], queries: list[str]) -> torch.Tensor:
+@torch.inference_mode()
+def brute_force_scores(trained: Trained, folder: Path, paths: list[str], queries: list[str]) -> torch.Tensor:
     """``(Q, N)`` cosine similarities of each query and each image under ``folder``, encoded from scratch."""
-    transform = build_eval_transform(IMAGE_SIZE)
-    pixels = torch.stack([transform(read_image(folder / path)) for path in paths])
-    return module.similarity(module.encode_captions(queries), module.encode_images(pixels))
+    model, processor = trained.model, trained.processor
+    pixels = processor.preprocess([folder / path for path in paths])
+    return model.similarity(model.encode_text(processor.tokenize(queries)), model.encode_image(pixels))
 
 
 def assert_brute_force_top_k(hits: list[list[tuple[int, float, str]]], scores: torch.Tensor, paths: list[str], k: int,
@@ -146,7 +171,7 @@ def assert_brute_force_top_k(hits: list[list[tuple[int, float, str]]], scores: t
         assert max(left_out, default=-2.0) <= float(scores[q, paths.index(shown[-1])]) + TIE, (q, row)
 
 
-def as_rows(hits: list[list[search_module.SearchHit]]) -> list[list[tuple[int, float, str]]]:
+def as_rows(hits: list[list[SearchHit]]) -> list[list[tuple[int, float, str]]]:
     return [[(hit.rank, hit.score, hit.path) for hit in row] for row in hits]
 
 
@@ -166,60 +191,105 @@ def printed_hits(out: str, queries: list[str]) -> list[list[tuple[int, float, st
     return rows
 
 
-def run(capsys, *args: str) -> tuple[int, str, str]:
+def run(capsys, *args) -> tuple[int, str, str]:
     code = main([str(a) for a in args])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
 
-def test_index_then_search_through_the_cli(trained, photos, tmp_path, capsys):
+def index_quietly(trained: Trained, photos: Path, out: Path | None = None) -> GalleryIndex:
+    return build_index(trained.model, trained.processor, photos, out, checkpoint=trained.folder, num_workers=0,
+                       progress=False)
+
+
+def test_index_then_search_a_pretrained_folder_through_the_cli(trained, photos, tmp_path, capsys):
     gallery_file = tmp_path / "photos.gallery"
-    code, out, err = run(capsys, "index", "--ckpt", trained.ckpt, "--images", photos, "--out", gallery_file,
-                         "--batch-size", 3, "--num-workers", 1, "--device", "cpu")
+    code, out, err = run(capsys, "index", "--model", trained.folder, "--images", photos, "--out", gallery_file,
+                         "--batch_size", 3, "--num_workers", 1, "--device", "cpu")
     assert code == 0, err
     assert f"{photos}: 9 image files; encoded 8 (8 new, 0 changed), kept 0 unchanged" in out
     assert "1 file could not be read and is not in the index:\n  broken.jpg: UnidentifiedImageError" in out
     assert f"wrote {gallery_file}: 8 images" in out
 
     queries = [trained.captions[2], trained.captions[5]]
-    code, out, err = run(capsys, "search", "--ckpt", trained.ckpt, "--gallery", gallery_file, "--query", queries[0],
-                         "--query", queries[1], "--top-k", 3, "--device", "cpu")
+    code, out, err = run(capsys, "search", "--model", trained.folder, "--gallery", gallery_file,
+                         "--query+", queries[0], "--query+", queries[1], "--top_k", 3, "--device", "cpu")
     assert code == 0, err
     assert len([line for line in out.splitlines() if line.strip()[:1].isdigit()]) == 2 * 3
     # What it prints is the brute-force top 3 of each query (scores printed to 4 decimals).
     paths = sorted(gallery_names())
-    expected = brute_force_scores(trained.module, photos, paths, queries)
+    expected = brute_force_scores(trained, photos, paths, queries)
     assert_brute_force_top_k(printed_hits(out, queries), expected, paths, k=3, score_tol=5e-5 + TIE)
 
 
+def test_a_lightning_checkpoint_is_the_same_model_as_its_pretrained_folder(trained, photos, tmp_path, capsys):
+    """Indexed from the .ckpt, searched with the folder: one fingerprint, one ranking."""
+    gallery_file = tmp_path / "photos.gallery"
+    code, _, err = run(capsys, "index", "--model", trained.ckpt, "--images", photos, "--out", gallery_file,
+                       "--num_workers", 0, "--device", "cpu")
+    assert code == 0, err
+    gallery = GalleryIndex.load(gallery_file)
+    assert gallery.model["checkpoint"] == str(trained.ckpt.resolve())
+    assert gallery.model["fingerprint"] == model_fingerprint(trained.model)
+    assert torch.allclose(gallery.features, index_quietly(trained, photos).features, atol=TIE)
+    code, out, err = run(capsys, "search", "--model", trained.folder, "--gallery", gallery_file, "--query",
+                         trained.captions[4], "--top_k", 2, "--device", "cpu")
+    assert code == 0, err
+    expected = brute_force_scores(trained, photos, gallery.paths, trained.captions[4:5])
+    assert_brute_force_top_k(printed_hits(out, trained.captions[4:5]), expected, gallery.paths, k=2,
+                             score_tol=5e-5 + TIE)
+
+
+def test_search_options_from_a_config_file(trained, photos, tmp_path, capsys):
+    gallery_file = tmp_path / "photos.gallery"
+    index_quietly(trained, photos, gallery_file)
+    queries = [trained.captions[1], trained.captions[6]]
+    config = tmp_path / "search.yaml"
+    config.write_text(
+        f"model: {trained.folder}\ngallery: {gallery_file}\nquery:\n  - {queries[0]}\n  - {queries[1]}\n"
+        f"top_k: 3\ndevice: cpu\n"
+    )
+    code, out, err = run(capsys, "search", "--config", config)
+    assert code == 0, err
+    expected = brute_force_scores(trained, photos, sorted(gallery_names()), queries)
+    assert_brute_force_top_k(printed_hits(out, queries), expected, sorted(gallery_names()), k=3, score_tol=5e-5 + TIE)
+    code, out, err = run(capsys, "search", "--config", config, "--top_k", 2)  # the command line wins
+    assert code == 0, err
+    assert [len(row) for row in printed_hits(out, queries)] == [2, 2]
+
+
 def test_python_api_search_is_the_brute_force_ranking_of_the_model_s_scores(trained, photos):
-    module = trained.module
-    gallery = build_index(module, photos, num_workers=0, progress=False)
+    model, processor = trained.model, trained.processor
+    gallery = build_index(model, processor, photos, num_workers=0, progress=False)
     assert gallery.paths == sorted(gallery_names()) and gallery.file is None
     assert set(gallery.failed) == {"broken.jpg"} and gallery.report.failed == gallery.failed
     assert torch.allclose(gallery.features.norm(dim=1), torch.ones(NUM_IDS))
     # Row i of the gallery is the image at paths[i], encoded as the model encodes it on its own.
-    transform = build_eval_transform(IMAGE_SIZE)
-    pixels = torch.stack([transform(read_image(photos / path)) for path in gallery.paths])
-    assert torch.allclose(gallery.features, module.encode_images(pixels), atol=TIE)
+    pixels = processor.preprocess([photos / path for path in gallery.paths])
+    with torch.inference_mode():
+        alone = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)
+    assert torch.allclose(gallery.features, alone, atol=TIE)
 
-    expected = brute_force_scores(module, photos, gallery.paths, trained.captions)  # (8 captions, 8 images)
+    expected = brute_force_scores(trained, photos, gallery.paths, trained.captions)  # (8 captions, 8 images)
     for k in (NUM_IDS, 3, 1):
-        hits = search(module, gallery, trained.captions, top_k=k)
+        hits = search(model, processor, gallery, trained.captions, top_k=k)
         assert_brute_force_top_k(as_rows(hits), expected, gallery.paths, k)
-    one = search(module, gallery, trained.captions[5], top_k=1)  # a single string is one query
+    batched = search(model, processor, gallery, trained.captions, top_k=3, batch_size=3)  # 3 text batches
+    assert_brute_force_top_k(as_rows(batched), expected, gallery.paths, k=3)
+    one = search(model, processor, gallery, trained.captions[5], top_k=1)  # a single string is one query
     assert_brute_force_top_k(as_rows(one), expected[5:6], gallery.paths, k=1)
 
 
 def test_gallery_file_round_trip(trained, photos, tmp_path):
     out = tmp_path / "g" / "photos.gallery"
-    built = build_index(trained.module, photos, out, checkpoint=trained.ckpt, num_workers=0, progress=False)
+    built = index_quietly(trained, photos, out)
     loaded = GalleryIndex.load(out)
     assert loaded.file == str(out) and loaded.report is None
     assert loaded.paths == built.paths and torch.equal(loaded.features, built.features)
     assert torch.equal(loaded.sizes, built.sizes) and torch.equal(loaded.mtimes, built.mtimes)
-    assert loaded.model == built.model and loaded.model["checkpoint"] == str(trained.ckpt.resolve())
-    assert loaded.model["fingerprint"] == model_fingerprint(trained.module) and loaded.root == str(photos.resolve())
+    assert loaded.model == built.model and loaded.model["checkpoint"] == str(trained.folder.resolve())
+    assert loaded.model["fingerprint"] == model_fingerprint(trained.model) and loaded.root == str(photos.resolve())
+    assert loaded.model["image_size"] == list(IMAGE_SIZE) and loaded.model["text_length"] == TEXT_LENGTH
     assert loaded.failed == {"broken.jpg": built.failed["broken.jpg"]}
     raw = torch.load(out, weights_only=True)
     assert (raw["format"], raw["version"]) == ("tipr-gallery", 1)
@@ -228,7 +298,7 @@ def test_gallery_file_round_trip(trained, photos, tmp_path):
 
 def test_reindex_encodes_only_new_and_changed_files_and_drops_vanished_ones(trained, photos, tmp_path, capsys, monkeypatch):
     out = tmp_path / "photos.gallery"
-    first = build_index(trained.module, photos, out, checkpoint=trained.ckpt, num_workers=0, progress=False)
+    first = index_quietly(trained, photos, out)
     names = gallery_names()
     shutil.copyfile(trained.spare, photos / "street" / "new1.jpg")
     Image.open(photos / names[3]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(photos / "new2.webp")
@@ -243,9 +313,9 @@ def test_reindex_encodes_only_new_and_changed_files_and_drops_vanished_ones(trai
         decoded.append(Path(path).relative_to(photos).as_posix())
         return read_image(path)
 
-    monkeypatch.setattr(search_module, "read_image", counting_read)
-    code, out_text, err = run(capsys, "index", "--ckpt", trained.ckpt, "--images", photos, "--out", out,
-                              "--num-workers", 0, "--device", "cpu")
+    monkeypatch.setattr(indexing_module, "read_image", counting_read)
+    code, out_text, err = run(capsys, "index", "--model", trained.folder, "--images", photos, "--out", out,
+                              "--num_workers", 0, "--device", "cpu")
     assert code == 0, err
     assert sorted(decoded) == sorted(["street/new1.jpg", "new2.webp", names[4], "broken.jpg"])  # the failure is retried
     assert "encoded 3 (2 new, 1 changed), kept 6 unchanged" in out_text
@@ -255,66 +325,84 @@ def test_reindex_encodes_only_new_and_changed_files_and_drops_vanished_ones(trai
     assert second.paths == sorted(set(names) - {names[6]} | {"street/new1.jpg", "new2.webp"})
     for path in set(first.paths) & set(second.paths) - {names[4]}:  # taken over bit for bit
         assert torch.equal(second.features[second.paths.index(path)], first.features[first.paths.index(path)])
-    fresh = build_index(trained.module, photos, num_workers=0, progress=False)  # from scratch, in memory
+    fresh = index_quietly(trained, photos)  # from scratch, in memory
     assert fresh.paths == second.paths
     assert torch.allclose(fresh.features, second.features, atol=TIE)  # other batches: last bits may differ
 
     # Nothing changed: nothing but the failure is decoded again.
     decoded.clear()
-    again = build_index(trained.module, photos, out, checkpoint=trained.ckpt, num_workers=0, progress=False)
+    again = index_quietly(trained, photos, out)
     assert decoded == ["broken.jpg"] and again.report.encoded == [] and again.report.kept == 9
 
 
-def test_another_model_is_refused_naming_both_checkpoints(trained, photos, tmp_path, capsys):
+def test_another_model_is_refused_naming_both(trained, photos, tmp_path, capsys):
     out = tmp_path / "photos.gallery"
-    build_index(trained.module, photos, out, checkpoint=trained.ckpt, num_workers=0, progress=False)
+    index_quietly(trained, photos, out)
     before = out.read_bytes()
-    for command in (["search", "--gallery", out, "--query", "a person"], ["index", "--images", photos, "--out", out]):
-        code, _, err = run(capsys, *command, "--ckpt", trained.other_ckpt, "--device", "cpu")
-        assert code == 1
-        assert f"gallery {out} was indexed with another model: {trained.ckpt.resolve()}" in err
-        assert f"the model given is {trained.other_ckpt.resolve()}" in err
+    for other in (trained.other, trained.other_ckpt):
+        for command in (["search", "--gallery", out, "--query", "a person"], ["index", "--images", photos, "--out", out]):
+            code, _, err = run(capsys, *command, "--model", other, "--device", "cpu")
+            assert code == 1
+            assert f"gallery {out} was indexed with another model: {trained.folder.resolve()}" in err
+            assert f"the model given is {other.resolve()}" in err
     assert out.read_bytes() == before
-    other = TIPRModule.load_from_checkpoint(trained.other_ckpt, map_location="cpu")
+    other_model, processor = load_pretrained(trained.other)
     with pytest.raises(GalleryError, match="another model"):
-        search(other, GalleryIndex.load(out), "a person")
+        search(other_model, processor, GalleryIndex.load(out), "a person")
 
 
 def test_a_file_that_is_not_a_gallery_is_refused_by_name(trained, photos, tmp_path, capsys):
     text = tmp_path / "notes.gallery"
     text.write_text("hello")
     for not_gallery in (trained.ckpt, text):
-        code, _, err = run(capsys, "search", "--ckpt", trained.ckpt, "--gallery", not_gallery, "--query", "x",
+        code, _, err = run(capsys, "search", "--model", trained.folder, "--gallery", not_gallery, "--query", "x",
                            "--device", "cpu")
         assert code == 1 and f"{not_gallery} is not a tipr gallery file" in err
     torch.save({"features": torch.zeros(2, 3)}, tmp_path / "tensors.pt")
     with pytest.raises(GalleryError, match="tensors.pt is not a tipr gallery file"):
         GalleryIndex.load(tmp_path / "tensors.pt")
-    code, _, err = run(capsys, "index", "--ckpt", trained.ckpt, "--images", photos, "--out", text, "--device", "cpu")
+    code, _, err = run(capsys, "index", "--model", trained.folder, "--images", photos, "--out", text, "--device", "cpu")
     assert code == 1 and f"{text} is not a tipr gallery file" in err and "not overwriting it" in err
     assert text.read_text() == "hello"
-    code, _, err = run(capsys, "search", "--ckpt", trained.ckpt, "--gallery", tmp_path / "missing", "--query", "x")
+    code, _, err = run(capsys, "search", "--model", trained.folder, "--gallery", tmp_path / "missing", "--query", "x")
     assert code == 1 and f"gallery file {tmp_path / 'missing'} does not exist" in err
 
 
+def test_a_model_that_cannot_be_loaded_is_named_with_its_option(trained, photos, tmp_path, capsys):
+    for model, message in ((tmp_path / "nowhere", f"--model: {tmp_path / 'nowhere'}: expected a pretrained folder"),
+                           (tmp_path / "best.ckpt", f"--model {tmp_path / 'best.ckpt'}: no such checkpoint file"),
+                           (photos / "notes.txt", f"--model: {photos / 'notes.txt'} is not a loadable tipr checkpoint")):
+        code, _, err = run(capsys, "index", "--model", model, "--images", photos, "--out", tmp_path / "g",
+                           "--device", "cpu")
+        assert code == 1 and err.startswith("tipr index: error: ") and message in err, err
+    code, _, err = run(capsys, "index", "--model", trained.folder, "--images", photos, "--out", tmp_path / "g",
+                       "--device", "gpu7")
+    assert code == 1 and "--device 'gpu7' is not a torch device" in err
+    assert not (tmp_path / "g").exists()
+
+
 def test_top_k_beyond_the_gallery_is_clamped(trained, photos, tmp_path, capsys):
-    gallery = build_index(trained.module, photos, tmp_path / "g", checkpoint=trained.ckpt, num_workers=0, progress=False)
-    assert [len(row) for row in search(trained.module, gallery, ["a", "b"], top_k=100)] == [NUM_IDS, NUM_IDS]
+    gallery = index_quietly(trained, photos, tmp_path / "g")
+    hits = search(trained.model, trained.processor, gallery, ["a", "b"], top_k=100)
+    assert [len(row) for row in hits] == [NUM_IDS, NUM_IDS]
     with pytest.raises(ValueError, match="top_k must be >= 1, got 0"):
-        search(trained.module, gallery, "a", top_k=0)
-    code, out, err = run(capsys, "search", "--ckpt", trained.ckpt, "--gallery", tmp_path / "g", "--query", "a",
-                         "--top-k", 50, "--device", "cpu")
-    assert code == 0 and "--top-k 50 is more than the 8 images of the gallery" in err
+        search(trained.model, trained.processor, gallery, "a", top_k=0)
+    code, out, err = run(capsys, "search", "--model", trained.folder, "--gallery", tmp_path / "g", "--query", "a",
+                         "--top_k", 50, "--device", "cpu")
+    assert code == 0 and "--top_k 50 is more than the 8 images of the gallery" in err
     assert len([line for line in out.splitlines() if line.strip()[:1].isdigit()]) == NUM_IDS
+    with pytest.raises(SystemExit) as exit_info:  # a usage error
+        main(["search", "--model", str(trained.folder), "--gallery", str(tmp_path / "g"), "--query", "a", "--top_k", "0"])
+    assert exit_info.value.code == 2 and "top_k" in capsys.readouterr().err
 
 
 def test_queries_from_a_file_and_a_contact_sheet(trained, photos, tmp_path, capsys):
     gallery_file = tmp_path / "g"
-    build_index(trained.module, photos, gallery_file, checkpoint=trained.ckpt, num_workers=0, progress=False)
+    index_quietly(trained, photos, gallery_file)
     queries = tmp_path / "queries.txt"
     queries.write_text(f"{trained.captions[0]}\n\n   \n{trained.captions[7]}\n")
-    code, out, err = run(capsys, "search", "--ckpt", trained.ckpt, "--gallery", gallery_file, "--queries", queries,
-                         "--top-k", 3, "--out", tmp_path / "sheet.png", "--device", "cpu")
+    code, out, err = run(capsys, "search", "--model", trained.folder, "--gallery", gallery_file, "--queries", queries,
+                         "--top_k", 3, "--out", tmp_path / "sheet.png", "--device", "cpu")
     assert code == 0, err
     assert f"query 1: {trained.captions[0]}" in out and f"query 2: {trained.captions[7]}" in out
     assert "query 3" not in out
@@ -322,33 +410,44 @@ def test_queries_from_a_file_and_a_contact_sheet(trained, photos, tmp_path, caps
     # Default tiles: the model's 32x16 input scaled by 4 to 128x64; 3 tiles a row, 4 px apart.
     assert sheet.width == 3 * (64 + 4) + 4 and sheet.height > 2 * (128 + 20)
 
-    code, _, err = run(capsys, "search", "--ckpt", trained.ckpt, "--gallery", gallery_file, "--queries",
+    code, _, err = run(capsys, "search", "--model", trained.folder, "--gallery", gallery_file, "--queries",
                        tmp_path / "missing.txt")
     assert code == 1 and f"cannot read queries from {tmp_path / 'missing.txt'}" in err
+    code, _, err = run(capsys, "search", "--model", trained.folder, "--gallery", gallery_file, "--query", "x",
+                       "--out", tmp_path / "sheet")
+    assert code == 1 and f"--out {tmp_path / 'sheet'}: expected an image file name" in err
     (tmp_path / "blank.txt").write_text("\n  \n")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["search", "--ckpt", str(trained.ckpt), "--gallery", str(gallery_file), "--queries", str(tmp_path / "blank.txt")])
-    assert exit_info.value.code == 2 and "give at least one query" in capsys.readouterr().err
+    code, _, err = run(capsys, "search", "--model", trained.folder, "--gallery", gallery_file, "--queries",
+                       tmp_path / "blank.txt")
+    assert code == 2 and "give at least one query" in err
 
 
 def test_contact_sheet_layout_and_images_root(trained, photos, tmp_path):
-    gallery = build_index(trained.module, photos, num_workers=0, progress=False)
+    gallery = build_index(trained.model, trained.processor, photos, num_workers=0, progress=False)
     queries = ["a person in red", "a person in blue"]
-    hits = search(trained.module, gallery, queries, top_k=4)
+    hits = search(trained.model, trained.processor, gallery, queries, top_k=4)
     moved = photos.rename(tmp_path / "moved")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every image is found under the new root
         sheet = contact_sheet(gallery, queries, hits, images_root=moved, tile_size=(64, 32))
     tile_h, tile_w, pad = 64, 32, 4
     assert sheet.width == 4 * (tile_w + pad) + pad
-    row_h = sheet.height // 2  # one-line queries: both rows equally high
-    assert sheet.height == 2 * row_h
-    transform = build_eval_transform((tile_h, tile_w))
+    font = load_font(12)
+    step = line_height(font)
+    assert len(wrap_text("1. a person in red", font, sheet.width - 2 * pad)) == 1
+    caption_lines = max(len(wrap_text(f"#{hit.rank} {hit.score:.3f}", font, tile_w)) for row in hits for hit in row)
+    title_h, caption_h = step + pad, 2 + caption_lines * step  # one-line titles
+    cell_h = title_h + tile_h + caption_h
+    assert sheet.height == pad + 2 * (cell_h + pad)
     for r, row in enumerate(hits):
         for c, hit in enumerate(row):
-            x, y = pad + c * (tile_w + pad), r * row_h + row_h - tile_h - 12 - pad  # text band, then the tile
-            expected = to_pil(transform(read_image(moved / hit.path)))
-            assert sheet.crop((x, y, x + tile_w, y + tile_h)).tobytes() == expected.tobytes(), (r, c)
+            x, y = pad + c * (tile_w + pad), pad + r * (cell_h + pad) + title_h  # title band, then the tile
+            expected = to_tile(read_image(moved / hit.path), (tile_h, tile_w)).permute(1, 2, 0).numpy().tobytes()
+            assert sheet.crop((x, y, x + tile_w, y + tile_h)).tobytes() == expected, (r, c)
+            band = sheet.crop((x, y + tile_h, x + tile_w, y + tile_h + caption_h)).convert("L")
+            assert band.getextrema()[0] < 128, (r, c)  # the rank and score are written under the tile
+        title = sheet.crop((pad, pad + r * (cell_h + pad), sheet.width - pad, pad + r * (cell_h + pad) + step))
+        assert title.convert("L").getextrema()[0] < 128, r  # and the query above its row
     with pytest.warns(UserWarning, match="cannot read image"):
         contact_sheet(gallery, queries[:1], hits[:1])  # the indexed folder is gone: grey tiles
 
@@ -357,10 +456,11 @@ def test_a_folder_with_nothing_readable_exits_1_listing_the_failures(trained, tm
     folder = tmp_path / "bad"
     folder.mkdir()
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    code, out, err = run(capsys, "index", "--ckpt", trained.ckpt, "--images", folder, "--out", tmp_path / "g",
-                         "--num-workers", 0, "--device", "cpu")
-    assert code == 1 and "broken.jpg: " in out and "no readable image under" in err
-    code, _, err = run(capsys, "index", "--ckpt", trained.ckpt, "--images", tmp_path / "nowhere", "--out",
+    code, out, err = run(capsys, "index", "--model", trained.folder, "--images", folder, "--out", tmp_path / "g",
+                         "--num_workers", 0, "--device", "cpu")
+    assert code == 1 and "broken.jpg: " in out and "no readable image" in err
+    assert len(GalleryIndex.load(tmp_path / "g")) == 0  # the empty gallery is written all the same
+    code, _, err = run(capsys, "index", "--model", trained.folder, "--images", tmp_path / "nowhere", "--out",
                        tmp_path / "g")
     assert code == 1 and f"image folder {tmp_path / 'nowhere'} does not exist" in err
 
@@ -369,3 +469,22 @@ def test_import_is_light():
     code = "import sys, tipr.search; print(sorted(m for m in ('lightning', 'torchvision', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_index_and_search_never_import_lightning(trained, photos, tmp_path):
+    """Both commands, from a pretrained folder and from a .ckpt file, in a fresh interpreter."""
+    gallery, sheet = tmp_path / "photos.gallery", tmp_path / "sheet.png"
+    code = f"""
+import sys
+from tipr.commands import main
+assert main(["index", "--model", {str(trained.ckpt)!r}, "--images", {str(photos)!r}, "--out", {str(gallery)!r},
+             "--num_workers", "0", "--device", "cpu"]) == 0
+assert main(["search", "--model", {str(trained.folder)!r}, "--gallery", {str(gallery)!r}, "--query", "a person",
+             "--top_k", "2", "--out", {str(sheet)!r}, "--device", "cpu"]) == 0
+print("lightning modules:", sorted(m for m in sys.modules if m.split(".")[0] in ("lightning", "pytorch_lightning")))
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "lightning modules: []" in result.stdout
+    assert len(GalleryIndex.load(gallery)) == NUM_IDS and Image.open(sheet).width == 2 * (64 + 4) + 4

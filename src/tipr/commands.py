@@ -32,13 +32,26 @@ def command_parser(prog: str, function: Callable):
     return parser
 
 
+def repeatable(function: Callable, argv: Sequence[str]) -> list[str]:
+    """``argv`` with each ``--name V`` of a list-typed option written ``--name+ V`` (append), so
+    ``--query a --query b`` gives both, as argparse's ``append`` would."""
+    import inspect
+
+    lists = {f"--{p.name}" for p in inspect.signature(function).parameters.values() if "list[" in str(p.annotation)}
+    out = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        out.append(f"{flag}+{eq}{value}" if flag in lists else arg)
+    return out
+
+
 def run_command(name: str, argv: Sequence[str]) -> int:
     """Parse ``argv`` for ``tipr <name>`` and run it: its return code; 1 with a one-line error
     for a bad file or value (``OSError``, ``ValueError``); 2 for a usage error."""
     module, function = MODEL_COMMANDS[name][0].split(":")
     function = getattr(importlib.import_module(module), function)
     parser = command_parser(f"tipr {name}", function)
-    options = parser.parse_args(list(argv))
+    options = parser.parse_args(repeatable(function, argv))
     kwargs = {key: value for key, value in vars(options).items() if key != "config"}
     try:
         return int(function(**kwargs) or 0)

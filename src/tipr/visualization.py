@@ -1,28 +1,41 @@
-"""Pictures of what the model does: retrieval grids and TIR restorations.
+"""Pictures of what the model does during training: retrieval panels and TIR restorations.
 
 ``RetrievalPanels`` is a Lightning callback that, after each validation, logs
-two image panels to every logger that can show images (``WandbLogger``'s
+image panels to every logger that can show images (``WandbLogger``'s
 ``log_image``; other loggers are left alone):
 
-- ``val/retrieval``: for a few caption queries, the top-k gallery images with
-  their scores, green-framed when they show the query's identity;
+- ``val/retrieval``: one image per caption query, its top-k gallery images left
+  to right with ``#rank score`` under each, framed green when they show the
+  query's identity and red otherwise; the query text is the image's caption
+  (``log_image(key=..., images=[...], caption=[query text, ...])``);
 - ``val/tir``: text-guided restoration triplets, per row the masked grayscale
   input the TIR head sees, its reconstruction (masked patches only, visible
   patches pasted back as MAE papers show them) and the colour target.
 
 Both use what validation already computed on rank 0 (the features held by the
-retrieval metric), plus one TIR forward pass on a handful of images.
+retrieval metric), plus one TIR forward pass on a handful of images. They are
+drawn with :func:`tipr.render.image_grid`, the model's input scaled up by a
+whole factor to at least ``PANEL_TILE_HEIGHT`` pixels so that text fits.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from lightning.pytorch import Callback
-from PIL import Image, ImageDraw
+from PIL import Image, ImageOps
 
 from tipr.data.transforms import CLIP_MEAN, CLIP_STD
+from tipr.render import display_size, image_grid
 
-__all__ = ["RetrievalPanels", "image_grid", "to_pil"]
+__all__ = ["PANEL_TILE_HEIGHT", "TIR_CAPTION", "RetrievalPanels", "to_pil"]
+
+#: Panel tiles are the model's input size scaled up by a whole factor to at least this height.
+PANEL_TILE_HEIGHT = 128
+#: Pixels of the green (hit) / red (miss) frame around a retrieved image.
+FRAME = 3
+TIR_CAPTION = "per row: masked grayscale input, restored (masked patches), colour target"
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -33,27 +46,18 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
 
 
-def image_grid(rows: list[list[Image.Image]], labels: list[list[str]] | None = None, pad: int = 4) -> Image.Image:
-    """Paste equally sized images into a grid, with an optional label under each."""
-    width, height = rows[0][0].size
-    label_h = 12 if labels else 0
-    columns = max(len(r) for r in rows)
-    sheet = Image.new("RGB", (columns * (width + pad) + pad, len(rows) * (height + label_h + pad) + pad), "white")
-    draw = ImageDraw.Draw(sheet)
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            x, y = pad + c * (width + pad), pad + r * (height + label_h + pad)
-            sheet.paste(image, (x, y))
-            if labels:
-                draw.text((x, y + height), labels[r][c], fill="black")
-    return sheet
+def _scaled(image: torch.Tensor) -> Image.Image:
+    """A CLIP-normalised tensor as a PIL image at panel size (pixels repeated, not blurred)."""
+    picture = to_pil(image)
+    h, w = display_size((picture.height, picture.width), PANEL_TILE_HEIGHT)
+    return picture.resize((w, h), Image.Resampling.NEAREST)
 
 
 class RetrievalPanels(Callback):
     """Log retrieval and TIR panels after validation (see the module docstring).
 
     Args:
-        num_queries: caption queries shown in the retrieval panel.
+        num_queries: caption queries shown (one retrieval image each).
         top_k: gallery images shown per query.
         num_restorations: rows of the TIR panel (0 turns it off).
     """
@@ -78,41 +82,53 @@ class RetrievalPanels(Callback):
         if split not in eval_sets:
             return
         queries, gallery = eval_sets[split]
-        panels = {"val/retrieval": self.retrieval_panel(pl_module, queries, gallery)}
+        benchmark = getattr(datamodule, "benchmark", None)
+        captions = benchmark.split(split).captions if benchmark is not None else None
+        panels = {"val/retrieval": self.retrieval_panels(pl_module, queries, gallery, captions)}
         if self.num_restorations and pl_module.network.restoration is not None:
-            panels["val/tir"] = self.restoration_panel(pl_module, queries, gallery)
+            panels["val/tir"] = ([self.restoration_panel(pl_module, queries, gallery)], [TIR_CAPTION])
         for logger in loggers:
-            for key, image in panels.items():
-                if image is not None:
-                    logger.log_image(key=key, images=[image], step=trainer.global_step)
+            for key, (images, texts) in panels.items():
+                if images:
+                    logger.log_image(key=key, images=images, caption=texts, step=trainer.global_step)
 
-    def retrieval_panel(self, pl_module, queries, gallery) -> Image.Image | None:
+    def retrieval_panels(
+        self, pl_module, queries, gallery, captions: Sequence[str] | None = None
+    ) -> tuple[list[Image.Image], list[str]]:
+        """``(images, query texts)``: per query its top-k gallery images, by the features validation computed.
+
+        ``captions``: the split's caption texts (indexed like ``queries``); without
+        them the query's token ids are decoded.
+        """
         ranks = pl_module.val_ranks
         if not ranks.query_features or not ranks.gallery_features:
-            return None
+            return [], []
         text = torch.nn.functional.normalize(torch.cat(ranks.query_features)[: self.num_queries].float(), dim=-1)
         images = torch.nn.functional.normalize(torch.cat(ranks.gallery_features).float(), dim=-1)
-        query_index = torch.cat(ranks.query_index)[: self.num_queries]
+        query_index = torch.cat(ranks.query_index)[: self.num_queries].tolist()
         gallery_index = torch.cat(ranks.gallery_index)
         scores, top = (text @ images.T).topk(min(self.top_k, images.shape[0]), dim=1)  # (Q, k)
-        rows, labels = [], []
-        for q in range(text.shape[0]):
-            query_pid = int(queries.pids[int(query_index[q])])
-            row, row_labels = [], []
-            for score, g in zip(scores[q].tolist(), top[q].tolist()):
+        panels, texts = [], []
+        for q, index in enumerate(query_index):
+            query_pid = int(queries.pids[index])
+            tiles, labels = [], []
+            for rank, (score, g) in enumerate(zip(scores[q].tolist(), top[q].tolist()), start=1):
                 item = int(gallery_index[g])
-                picture = to_pil(gallery[item]["images"])
                 hit = int(gallery.pids[item]) == query_pid
-                framed = Image.new("RGB", (picture.width + 4, picture.height + 4), "green" if hit else "red")
-                framed.paste(picture, (2, 2))
-                row.append(framed)
-                row_labels.append(f"{score:.2f}")
-            rows.append(row)
-            labels.append(row_labels)
-        return image_grid(rows, labels)
+                tiles.append(ImageOps.expand(_scaled(gallery[item]["images"]), FRAME, "green" if hit else "red"))
+                labels.append(f"#{rank} {score:.3f}")
+            panels.append(image_grid([tiles], [labels]))
+            texts.append(str(captions[index]) if captions is not None else self._decode(pl_module, queries, index))
+        return panels, texts
+
+    @staticmethod
+    def _decode(pl_module, queries, index: int) -> str:
+        ids = [int(t) for t in queries[index]["token_ids"].tolist() if t != 0]  # 0 pads
+        return pl_module.processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     @torch.no_grad()
     def restoration_panel(self, pl_module, queries, gallery) -> Image.Image:
+        """Rows of masked input, restoration and target for the first gallery images (one TIR pass)."""
         from tipr.model.restoration import patchify, to_grayscale, unpatchify
 
         network = pl_module.network
@@ -132,5 +148,5 @@ class RetrievalPanels(Callback):
         gray = patchify(to_grayscale(images), p)
         seen = unpatchify(torch.where(masked, torch.full_like(gray, -2.0), gray), p, grid)
         restored = unpatchify(torch.where(masked, out["prediction"].float(), out["target"]), p, grid)
-        rows = [[to_pil(seen[i]), to_pil(restored[i]), to_pil(images[i])] for i in range(n)]
+        rows = [[_scaled(seen[i]), _scaled(restored[i]), _scaled(images[i])] for i in range(n)]
         return image_grid(rows, [["input", "restored", "target"]] * n)
