@@ -2,7 +2,10 @@
 
 import argparse
 import math
+import os
 import re
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -12,17 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from tipr.cli import main
-from tipr.convert import (
-    ConversionReport,
-    convert_openai_clip_state_dict,
-    load_reference_checkpoint,
-    read_state_dict,
-    save_tipr_checkpoint,
-)
-from tipr.model import SENNetwork, TIPRModule, build_clip, resize_position_embedding
+from tipr.commands import main
+from tipr.convert import ConversionReport, convert_openai_clip_state_dict, load_reference_checkpoint, read_state_dict
+from tipr.model import REFERENCE_LOSS_WEIGHTS, SENModel, resize_position_embedding
 from tipr.model.backbone import eot_token_id
 from tipr.model.restoration import num_visible_patches
+from tipr.pretrained import load_pretrained
+from tipr.processing import TIPRProcessor
 
 IMAGE_SIZE = (32, 16)  # patch 8: a 4 x 2 grid
 CONTEXT = 16
@@ -167,12 +166,22 @@ def encode(network, images, token_ids):
         return network.encode_image(images), network.encode_text(token_ids)
 
 
+def assert_same_weights(ours: nn.Module, theirs: nn.Module, fresh: str | None = None) -> None:
+    """The same tensor names, dtypes and values (only names and dtypes under ``fresh``, a head
+    that got no source weights and so has a random initialisation of its own in each conversion)."""
+    expected = theirs.state_dict()
+    got = ours.state_dict()
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        same = (fresh is not None and key.startswith(fresh)) or torch.equal(got[key], value)
+        assert got[key].dtype == value.dtype and same, key
+
+
 @pytest.fixture(scope="module")
 def source():
     torch.manual_seed(0)
-    network = SENNetwork(
-        build_clip(CONFIG, CONTEXT), NUM_CLASSES, image_size=IMAGE_SIZE, text_length=CONTEXT,
-        loss_weights={"sdm": 1.0, "id": 1.0},
+    network = SENModel.from_backbone(
+        CONFIG, NUM_CLASSES, image_size=IMAGE_SIZE, text_length=CONTEXT, loss_weights={"sdm": 1.0, "id": 1.0}
     )
     with torch.no_grad():
         for param in network.parameters():  # no tensor keeps an init (ones, zeros) that would hide a swap
@@ -200,8 +209,9 @@ def reference_ckpt(source, openai_weights, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def converted(reference_ckpt):
-    module, report = load_reference_checkpoint(reference_ckpt, image_size=IMAGE_SIZE)
-    return module.eval(), report
+    model, report = load_reference_checkpoint(reference_ckpt, image_size=IMAGE_SIZE)
+    assert isinstance(model, SENModel) and isinstance(report, ConversionReport)
+    return model.eval(), report
 
 
 def test_mapping_inverts_the_hand_written_inverse(source, openai_weights):
@@ -216,19 +226,19 @@ def test_mapping_inverts_the_hand_written_inverse(source, openai_weights):
 
 
 def test_reference_checkpoint_gives_the_source_embeddings(source, converted):
-    module, _ = converted
+    model, _ = converted
     images, token_ids = inputs()
-    image, text = encode(module.network, images, token_ids)
+    image, text = encode(model, images, token_ids)
     source_image, source_text = encode(source, images, token_ids)
     assert_close(image, source_image, atol=1e-5, rtol=1e-5)
     assert_close(text, source_text, atol=1e-5, rtol=1e-5)
-    assert all(p.dtype == torch.float32 for p in module.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
 def test_embeddings_match_openai_clip_run_on_the_source_tensors(openai_weights, converted):
-    module, _ = converted
+    model, _ = converted
     images, token_ids = inputs()
-    image, text = encode(module.network, images, token_ids)
+    image, text = encode(model, images, token_ids)
     reference_image, reference_text = openai_forward(openai_weights, images, token_ids)
     assert_close(image, reference_image, atol=1e-5, rtol=1e-5)
     assert_close(text, reference_text, atol=1e-5, rtol=1e-5)
@@ -236,8 +246,8 @@ def test_embeddings_match_openai_clip_run_on_the_source_tensors(openai_weights, 
 
 
 def test_config_classifier_and_report(source, converted):
-    module, report = converted
-    config = module.network.clip.config
+    model, report = converted
+    config = model.clip.config
     vision, text = config.vision_config, config.text_config
     assert (vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers, vision.num_attention_heads) == (
         128, 256, 2, 2,
@@ -247,9 +257,12 @@ def test_config_classifier_and_report(source, converted):
         64, 256, 3, 1,
     )
     assert (text.max_position_embeddings, text.vocab_size, config.projection_dim) == (CONTEXT, 49408, 32)
-    assert (module.hparams.num_classes, module.hparams.text_length) == (NUM_CLASSES, CONTEXT)
-    assert torch.equal(module.network.classifier.weight, source.classifier.weight)
-    assert torch.equal(module.network.classifier.bias, source.classifier.bias)
+    assert (model.config.num_classes, model.config.text_length, model.config.image_size) == (
+        NUM_CLASSES, CONTEXT, IMAGE_SIZE,
+    )
+    assert model.config.loss_weights == REFERENCE_LOSS_WEIGHTS and model.config.restoration_depth == 4
+    assert torch.equal(model.classifier.weight, source.classifier.weight)
+    assert torch.equal(model.classifier.bias, source.classifier.bias)
 
     assert report.layout == "IRRA/SEN checkpoint, CLIP under 'base_model.'"
     assert report.reinitialised == {"restoration": "TIR head: no counterpart in the source"}
@@ -262,12 +275,16 @@ def test_config_classifier_and_report(source, converted):
 
 
 def test_classifier_of_another_size_is_reinitialised(reference_ckpt):
-    module = TIPRModule.from_reference_checkpoint(reference_ckpt, image_size=IMAGE_SIZE, num_classes=7, tir_weight=0)
-    report = module.conversion_report
-    assert isinstance(report, ConversionReport)
+    weights = {**REFERENCE_LOSS_WEIGHTS, "restoration": 0.0}
+    model, report = load_reference_checkpoint(
+        reference_ckpt, image_size=IMAGE_SIZE, num_classes=7, loss_weights=weights
+    )
     assert report.reinitialised == {"classifier": "ID classifier: the source's has 5 classes, num_classes is 7"}
-    assert module.network.classifier.out_features == 7 and module.network.restoration is None
+    assert model.classifier.out_features == 7 and model.restoration is None
+    assert model.config.loss_weights == weights
     assert report.unused == sorted([*IRRA_HEADS, "classifier.weight", "classifier.bias"])
+    with pytest.raises(TypeError, match=r"unknown setting\(s\) \['tir_depth'\]"):
+        load_reference_checkpoint(reference_ckpt, image_size=IMAGE_SIZE, tir_depth=2)
 
 
 def test_plain_openai_state_dict_with_a_square_position_table(tmp_path, openai_weights):
@@ -280,19 +297,20 @@ def test_plain_openai_state_dict_with_a_square_position_table(tmp_path, openai_w
     with pytest.raises(ValueError, match=re.escape(f"{path}: has no ID classifier") + ".*give num_classes"):
         load_reference_checkpoint(path, image_size=IMAGE_SIZE)
 
-    module, report = load_reference_checkpoint(path, image_size=IMAGE_SIZE, num_classes=3)
+    model, report = load_reference_checkpoint(path, image_size=IMAGE_SIZE, num_classes=3)
     assert report.layout == "OpenAI CLIP state dict"
-    assert report.notes == ["vision position table resized from the square 4x4 grid to 4x2"]
+    assert report.notes == ["vision position table resized (bilinear) from the square 4x4 grid to 4x2"]
     assert set(report.reinitialised) == {"classifier", "restoration"}
     assert report.reinitialised["classifier"] == "ID classifier: the source has none; 3 classes"
     assert report.unused == []
     table = resize_position_embedding(plain["visual.positional_embedding"].float(), (4, 2))  # (1 + 8, 128)
-    assert torch.equal(module.network.embeddings.position_embedding.weight, table)
-    assert module.network.clip.config.vision_config.image_size == 32
-    assert torch.equal(module.network.clip.logit_scale, plain["logit_scale"].float())
+    assert torch.equal(model.embeddings.position_embedding.weight, table)
+    assert model.clip.config.vision_config.image_size == 32
+    assert torch.equal(model.clip.logit_scale, plain["logit_scale"].float())
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp16 sources become fp32
 
     images, token_ids = inputs()
-    image, text = encode(module.eval().network, images, token_ids)
+    image, text = encode(model.eval(), images, token_ids)
     reference_image, reference_text = openai_forward({**plain, "visual.positional_embedding": table}, images, token_ids)
     assert_close(image, reference_image, atol=1e-5, rtol=1e-5)
     assert_close(text, reference_text, atol=1e-5, rtol=1e-5)
@@ -326,10 +344,10 @@ def test_ddp_prefixed_and_torchscript_sources(tmp_path, openai_weights, converte
 
     archive = tmp_path / "ViT-tiny.pt"  # OpenAI's published files are TorchScript archives
     torch.jit.script(_module_tree(openai_weights)).save(str(archive))
-    module, report = load_reference_checkpoint(archive, image_size=IMAGE_SIZE, num_classes=NUM_CLASSES)
+    model, report = load_reference_checkpoint(archive, image_size=IMAGE_SIZE, num_classes=NUM_CLASSES)
     assert report.layout == "OpenAI CLIP state dict" and report.unused == []
-    expected = converted[0].network.clip.state_dict()
-    for key, value in module.network.clip.state_dict().items():
+    expected = converted[0].clip.state_dict()
+    for key, value in model.clip.state_dict().items():
         assert torch.equal(value, openai_weights["logit_scale"] if key == "logit_scale" else expected[key]), key
 
 
@@ -368,7 +386,7 @@ def test_files_that_are_not_clip_checkpoints_are_named(tmp_path):
         "args.pth": ({"model": {}, "args": argparse.Namespace(lr=1)}, "pickled Python objects"),
         "other.pth": ({"fc.weight": torch.zeros(2, 2)}, "no ViT CLIP weights in OpenAI's layout: missing"),
         "rn50.pth": ({"visual.layer1.0.conv1.weight": torch.zeros(2, 2)}, "holds a ResNet CLIP"),
-        "tipr.ckpt": ({"state_dict": {}, "pytorch-lightning_version": "2.6"}, "already a Lightning checkpoint"),
+        "tipr.ckpt": ({"state_dict": {}, "pytorch-lightning_version": "2.6"}, "already a tipr (Lightning) checkpoint"),
     }
     for name, (content, expected) in cases.items():
         path = tmp_path / name
@@ -378,27 +396,84 @@ def test_files_that_are_not_clip_checkpoints_are_named(tmp_path):
             torch.save(content, path)
         with pytest.raises(ValueError, match=re.escape(f"{path}: ") + ".*" + re.escape(expected)):
             load_reference_checkpoint(path)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'folder'}: is a folder, not a checkpoint file")):
+        load_reference_checkpoint(tmp_path / "folder")
 
 
-def test_tipr_convert_writes_a_checkpoint_that_reloads_offline(tmp_path, reference_ckpt, converted, capsys):
-    out = tmp_path / "irra" / "model.ckpt"
-    assert main(["convert", "--ckpt", str(reference_ckpt), "--out", str(out), "--image-size", "32", "16"]) == 0
+def test_tipr_convert_writes_a_pretrained_folder(tmp_path, reference_ckpt, converted, capsys):
+    out = tmp_path / "irra"
+    assert main(["convert", "--checkpoint", str(reference_ckpt), "--out", str(out), "--image_size", "[32, 16]"]) == 0
     printed = capsys.readouterr().out
     assert f"converted {reference_ckpt} (IRRA/SEN checkpoint" in printed
     assert "re-initialised: restoration (TIR head" in printed and "cross_attn.* (4)" in printed
-    assert f"wrote {out}" in printed
+    assert f"wrote {out} (SENModel.from_pretrained" in printed
+    assert "note: the model's vocabulary" not in printed  # OpenAI's 49,408 ids: the shipped tokenizer's
 
-    reloaded = TIPRModule.load_from_checkpoint(out).eval()
-    assert reloaded.hparams.backbone["model_type"] == "clip" and reloaded.hparams.image_size == IMAGE_SIZE
+    model, processor = SENModel.from_pretrained(out), TIPRProcessor.from_pretrained(out)
+    assert model.config == converted[0].config and model.config.clip["model_type"] == "clip"
+    assert_same_weights(model, converted[0], fresh="restoration.")  # IRRA has no TIR head
+    assert (processor.image_size, processor.text_length) == (IMAGE_SIZE, CONTEXT)
     images, token_ids = inputs()
-    expected = encode(converted[0].network, images, token_ids)
-    for ours, theirs in zip(encode(reloaded.network, images, token_ids), expected):
+    for ours, theirs in zip(encode(model, images, token_ids), encode(converted[0], images, token_ids)):
         assert torch.equal(ours, theirs)
-    assert torch.equal(reloaded.network.classifier.weight, converted[0].network.classifier.weight)
+    assert torch.equal(processor.tokenize(["a man"]), TIPRProcessor.for_model(converted[0]).tokenize(["a man"]))
+    assert_same_weights(load_pretrained(out)[0], model)
 
-    assert main(["convert", "--ckpt", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "x.ckpt")]) == 1
-    assert f"tipr convert: error: {tmp_path / 'missing.pth'}: no such file" in capsys.readouterr().err
-    assert not (tmp_path / "x.ckpt").exists()
+    # Over an earlier pretrained folder (another text length, from a --config file): rewritten.
+    config = tmp_path / "convert.yaml"
+    config.write_text(f"checkpoint: {reference_ckpt}\nout: {out}\nimage_size: [32, 16]\ntext_length: 12\n")
+    assert main(["convert", "--config", str(config)]) == 0
+    capsys.readouterr()
+    assert SENModel.from_pretrained(out).config.text_length == TIPRProcessor.from_pretrained(out).text_length == 12
+
+
+def test_tipr_convert_names_the_option_at_fault(tmp_path, reference_ckpt, capsys):
+    def run(*args):
+        code = main(["convert", *map(str, args)])
+        return code, capsys.readouterr().err
+
+    missing = tmp_path / "missing.pth"
+    code, err = run("--checkpoint", missing, "--out", tmp_path / "x")
+    assert code == 1 and f"tipr convert: error: --checkpoint {missing}: no such file" in err
+    code, err = run("--checkpoint", reference_ckpt, "--out", tmp_path / "x", "--image_size", "[30, 16]")
+    assert code == 1 and (
+        f"tipr convert: error: --checkpoint {reference_ckpt}: image_size (30, 16) must be positive multiples of the "
+        "patch size 8"
+    ) in err
+    code, err = run("--checkpoint", reference_ckpt, "--out", tmp_path / "x", "--image_size", "[32, 16]",
+                    "--text_length", CONTEXT + 1)
+    assert code == 1 and "text_length 17 is longer than the text encoder's context (16 positions)" in err
+    assert not (tmp_path / "x").exists()  # nothing written on an error
+
+    (tmp_path / "file").write_text("")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("")
+    for out, expected in (("file", "is a file"), ("other", "a folder holding other files")):
+        code, err = run("--checkpoint", reference_ckpt, "--out", tmp_path / out, "--image_size", "[32, 16]")
+        assert code == 1 and f"tipr convert: error: --out {tmp_path / out}: {expected}" in err
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["notes.txt"]
+
+    code, err = run("--checkpoint", reference_ckpt, "--out", reference_ckpt)
+    assert code == 2 and "would overwrite the checkpoint being converted" in err
+    with pytest.raises(SystemExit) as usage:  # a bad value: jsonargparse's usage error
+        main(["convert", "--checkpoint", str(reference_ckpt), "--out", str(tmp_path / "x"), "--num_classes", "0"])
+    assert usage.value.code == 2
+
+
+def test_tipr_convert_runs_without_lightning(tmp_path, reference_ckpt):
+    out = tmp_path / "folder"
+    script = (
+        "import sys; from tipr.commands import main; "
+        f"code = main(['convert', '--checkpoint', {str(reference_ckpt)!r}, '--out', {str(out)!r}, "
+        "'--image_size', '[32, 16]']); "
+        "assert 'lightning' not in sys.modules and 'pytorch_lightning' not in sys.modules, 'Lightning was imported'; "
+        "sys.exit(code)"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {"config.json", "model.safetensors", "processor_config.json"} <= {p.name for p in out.iterdir()}
 
 
 # ----------------------------------------------------------- SEN, every head
@@ -501,10 +576,10 @@ def sen_reference_losses(model, images, token_ids, pids, noise, num_visible, tem
     id_loss = (F.cross_entropy(classify(i_feats), pids) + F.cross_entropy(classify(t_feats), pids)) / 2
 
     # Triplet on cosine distance with the hardest negative of another identity, both directions.
-    tri = 0.0
+    triplet = 0.0
     for similarity in (t2i, t2i.t()):  # rows: anchors
         hardest = similarity.masked_fill(labels.bool(), float("-inf")).max(dim=1).values
-        tri = tri + F.relu((1 - similarity.diagonal()) - (1 - hardest) + margin).mean()
+        triplet = triplet + F.relu((1 - similarity.diagonal()) - (1 - hardest) + margin).mean()
 
     # TIR: grayscale input, the lowest-noise patches visible, the decoder, MSE on hidden patches.
     weights = torch.tensor([0.2989, 0.5870, 0.1140]).view(1, 3, 1, 1)
@@ -538,19 +613,19 @@ def sen_reference_losses(model, images, token_ids, pids, noise, num_visible, tem
     mask = torch.ones(b, n)
     mask[:, :num_visible] = 0
     mask = torch.gather(mask, 1, ids_restore)
-    tir = (((prediction - pixels) ** 2).mean(dim=-1) * mask).sum() / mask.sum()
+    restoration = (((prediction - pixels) ** 2).mean(dim=-1) * mask).sum() / mask.sum()
 
-    losses = {"sdm": sdm, "id": id_loss, "tri": tri, "tir": tir}
-    losses["loss"] = sdm + id_loss + 10 * tri + 10 * tir
+    losses = {"sdm": sdm, "id": id_loss, "triplet": triplet, "restoration": restoration}
+    losses["loss"] = sdm + id_loss + 10 * triplet + 10 * restoration
     return losses
 
 
 @pytest.fixture(scope="module")
 def sen_source():
     torch.manual_seed(4)
-    network = SENNetwork(
-        build_clip(SEN_CONFIG, CONTEXT), NUM_CLASSES, image_size=IMAGE_SIZE, text_length=CONTEXT,
-        tir_depth=SEN_DEPTH, tir_text_padding_mask=False,
+    network = SENModel.from_backbone(
+        SEN_CONFIG, NUM_CLASSES, image_size=IMAGE_SIZE, text_length=CONTEXT, restoration_depth=SEN_DEPTH,
+        restoration_text_padding_mask=False,
     )
     with torch.no_grad():
         for param in network.parameters():  # no tensor keeps an init (ones, zeros) that would hide a swap
@@ -573,14 +648,15 @@ def sen_ckpt(sen_source, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sen_module(sen_ckpt):
-    return TIPRModule.from_reference_checkpoint(
-        sen_ckpt, image_size=IMAGE_SIZE, tir_depth=SEN_DEPTH, tir_text_padding_mask=False
-    ).eval()
+def sen_converted(sen_ckpt):
+    """The SEN file converted with the defaults: the reference's loss weights, the file's TIR depth."""
+    model, report = load_reference_checkpoint(sen_ckpt, image_size=IMAGE_SIZE)
+    assert model.config.restoration_depth == SEN_DEPTH and not model.config.restoration_text_padding_mask
+    return model.eval(), report
 
 
-def test_sen_checkpoint_losses_match_the_reference_forward(sen_ckpt, sen_source, sen_module):
-    network = sen_module.network
+def test_sen_checkpoint_losses_match_the_reference_forward(sen_ckpt, sen_source, sen_converted):
+    network = sen_converted[0]
     images, token_ids, pids, noise = sen_inputs()
     with torch.no_grad():
         ours = network(images, token_ids, pids, noise=noise)
@@ -589,7 +665,7 @@ def test_sen_checkpoint_losses_match_the_reference_forward(sen_ckpt, sen_source,
     assert sorted(ours) == sorted(expected)
     for name, value in expected.items():  # measured: at most 8e-6 (the total, about 40), float32 rounding
         assert_close(ours[name], value, atol=1e-5, rtol=1e-6, msg=name)
-    assert expected["tir"] > 0.1 and expected["tri"] > 0  # every loss is live, none trivially 0
+    assert expected["restoration"] > 0.1 and expected["triplet"] > 0  # every loss is live, none trivially 0
     # The mapping inverts the hand-written inverse, tensor for tensor (SEN saves no logit_scale).
     converted = network.state_dict()
     assert sorted(converted) == sorted(sen_source.state_dict())
@@ -597,8 +673,8 @@ def test_sen_checkpoint_losses_match_the_reference_forward(sen_ckpt, sen_source,
         assert key == "clip.logit_scale" or torch.equal(converted[key], value), key
 
 
-def test_sen_tir_blocks_are_openai_blocks(sen_module):
-    restoration = sen_module.network.restoration
+def test_sen_tir_blocks_are_openai_blocks(sen_converted):
+    restoration = sen_converted[0].restoration
     assert len(restoration.transformer) == SEN_DEPTH and restoration.cross_attn.num_heads == 2
     for block in restoration.transformer:
         assert block.norm1.eps == block.norm2.eps == 1e-5  # OpenAI's LayerNorm, not timm's 1e-6
@@ -607,21 +683,23 @@ def test_sen_tir_blocks_are_openai_blocks(sen_module):
     assert torch.equal(restoration.pos_embed, mae_sincos_table(restoration.grid_size, 128))
 
 
-def test_sen_report_names_no_reinitialised_head_and_the_unused_modules(sen_module):
-    report = sen_module.conversion_report
+def test_sen_report_names_no_reinitialised_head_and_the_unused_modules(sen_converted):
+    report = sen_converted[1]
     assert report.reinitialised == {}
     assert report.unused == sorted(SEN_UNUSED)
     printed = str(report)
     assert f"TIR head ({SEN_DEPTH} blocks; its decoder_pos_embed equals tipr's fixed table)" in printed
     assert "ID classifier (5 classes)" in printed and "re-initialised" not in printed
-    assert "unused source keys (12): cross_attn_Image.* (4), cross_attn_TextImage.* (4), norm_3.* (2), norm_5.* (2)" in printed
+    assert (
+        "unused source keys (12): cross_attn_Image.* (4), cross_attn_TextImage.* (4), norm_3.* (2), norm_5.* (2)"
+    ) in printed
 
 
-def test_vocabulary_of_1000_ids_pools_at_id_999(sen_module):
-    network = sen_module.network
+def test_vocabulary_of_1000_ids_pools_at_id_999(sen_converted):
+    network, report = sen_converted
     text = network.clip.config.text_config
     assert (text.vocab_size, text.eos_token_id, text.bos_token_id, network.eot_token_id) == (1000, 999, 998, 999)
-    assert "vocabulary 1000 (end-of-text 999)" in sen_module.conversion_report.backbone
+    assert "vocabulary 1000 (end-of-text 999)" in report.backbone
     _, token_ids, _, _ = sen_inputs()
     with torch.no_grad():
         tokens, eot = network.text_tokens(token_ids)
@@ -634,14 +712,23 @@ def test_vocabulary_of_1000_ids_pools_at_id_999(sen_module):
         assert eot_token_id(config) == 999
 
 
-def test_sen_conversion_reloads_and_reinitialises_what_does_not_fit(tmp_path, sen_ckpt, sen_module):
+def test_sen_conversion_reloads_and_reinitialises_what_does_not_fit(tmp_path, sen_ckpt, sen_converted, capsys):
+    out = tmp_path / "sen"
+    assert main(["convert", "--checkpoint", str(sen_ckpt), "--out", str(out), "--image_size", "[32, 16]"]) == 0
+    printed = capsys.readouterr().out
+    assert "re-initialised" not in printed and f"TIR head ({SEN_DEPTH} blocks" in printed
+    # The shipped tokenizer is written with the model; a 1,000-id vocabulary is not its own.
+    assert "note: the model's vocabulary has 1000 ids, the CLIP tokenizer written with it 49408" in printed
+    reloaded = SENModel.from_pretrained(out)  # the fixed table is rebuilt, not stored
+    assert reloaded.config == sen_converted[0].config
+    assert_same_weights(reloaded, sen_converted[0])
+    assert torch.equal(reloaded.restoration.pos_embed, sen_converted[0].restoration.pos_embed)
+    assert TIPRProcessor.from_pretrained(out).text_length == CONTEXT
     images, token_ids, pids, noise = sen_inputs()
-    out = save_tipr_checkpoint(sen_module, tmp_path / "sen.ckpt")
-    reloaded = TIPRModule.load_from_checkpoint(out).eval()  # the fixed table is rebuilt, not stored
     with torch.no_grad():
-        before, after = sen_module.network(images, token_ids, pids, noise=noise), reloaded.network(
-            images, token_ids, pids, noise=noise
-        )
+        before = sen_converted[0](images, token_ids, pids, noise=noise)
+        after = reloaded(images, token_ids, pids, noise=noise)
+    assert sorted(after) == sorted(before) == ["id", "loss", "restoration", "sdm", "triplet"]
     for name, value in before.items():
         assert torch.equal(after[name], value), name
 
@@ -649,9 +736,10 @@ def test_sen_conversion_reloads_and_reinitialises_what_does_not_fit(tmp_path, se
         "norm_1", "decoder_embed", "mask_token", "norm_2", "norm_4", "cross_attn_Text", "norm_6",
         "cross_modal_transformer_mae", "norm_7", "decoder_pred", "decoder_pos_embed",
     })
-    shallow = TIPRModule.from_reference_checkpoint(sen_ckpt, image_size=IMAGE_SIZE, tir_depth=1)
-    assert shallow.conversion_report.reinitialised == {"restoration": "TIR head: the source's has 2 blocks, tir_depth is 1"}
-    assert shallow.conversion_report.unused == sorted([*SEN_UNUSED, *tir_keys])
+    shallow, report = load_reference_checkpoint(sen_ckpt, image_size=IMAGE_SIZE, restoration_depth=1)
+    assert len(shallow.restoration.transformer) == 1
+    assert report.reinitialised == {"restoration": "TIR head: the source's has 2 blocks, restoration_depth is 1"}
+    assert report.unused == sorted([*SEN_UNUSED, *tir_keys])
 
     checkpoint = torch.load(sen_ckpt, weights_only=True)
     checkpoint["model"]["decoder_pos_embed"] = checkpoint["model"]["decoder_pos_embed"].flip(-1)
@@ -666,5 +754,6 @@ def test_sen_conversion_reloads_and_reinitialises_what_does_not_fit(tmp_path, se
     torch.save(checkpoint, broken)
     _, report = load_reference_checkpoint(broken, image_size=IMAGE_SIZE)
     assert report.reinitialised["restoration"].startswith(
-        "TIR head: the source's decoder_pos_embed is not the fixed sine-cosine table of the 4x2 grid (max abs difference"
+        "TIR head: the source's decoder_pos_embed is not the fixed sine-cosine table of the 4x2 grid "
+        "(max abs difference"
     )

@@ -1,0 +1,50 @@
+"""Import checkpoints trained with the public IRRA/SEN code, and plain OpenAI CLIP weights.
+
+An IRRA/SEN ``best.pth`` (``{"model": state_dict}``: the CLIP backbone in
+OpenAI's layout under ``base_model.``, the ID classifier, SEN's text-guided
+restoration head) or an OpenAI CLIP file becomes a :class:`tipr.model.SENModel`
+with the same weights; every shape (widths, layers, patch, vocabulary, context,
+TIR depth) is read off the tensors.
+
+- :mod:`tipr.convert.openai_clip`: the OpenAI -> Hugging Face ``CLIPModel``
+  mapping and config inference (pure: state dict in, state dict out);
+- :mod:`tipr.convert.tir`: SEN's TIR head -> ``SENModel.restoration``;
+- :mod:`tipr.convert.reference`: reading the files and building the model,
+  with a :class:`ConversionReport` of the heads left freshly initialised and
+  the source keys not used;
+- :mod:`tipr.convert.command`: ``tipr convert``, which writes a pretrained
+  folder (``config.json``, ``model.safetensors``, the tokenizer,
+  ``processor_config.json``) that ``SENModel.from_pretrained``,
+  ``TIPRProcessor.from_pretrained``, :func:`tipr.pretrained.load_pretrained`
+  and ``tipr index`` / ``tipr search --model`` read offline::
+
+    tipr convert --checkpoint sen_cuhk/best.pth --out sen_cuhk      # then tipr index/search --model sen_cuhk
+    tipr convert --checkpoint ViT-B-16.pt --out clip_b16 --num_classes 11003
+
+In Python::
+
+    from tipr.convert import load_reference_checkpoint
+    from tipr.pretrained import save_pretrained
+    from tipr.processing import TIPRProcessor
+
+    model, report = load_reference_checkpoint("best.pth", image_size=(384, 128))
+    print(report)
+    save_pretrained(model, TIPRProcessor.for_model(model), "sen_cuhk")
+
+Nothing here imports Lightning.
+"""
+
+from tipr.convert.openai_clip import ConvertedCLIP, convert_openai_clip_state_dict, infer_clip_config
+from tipr.convert.reference import REFERENCE_PREFIX, ConversionReport, load_reference_checkpoint, read_state_dict
+from tipr.convert.tir import convert_tir_state_dict
+
+__all__ = [
+    "REFERENCE_PREFIX",
+    "ConversionReport",
+    "ConvertedCLIP",
+    "convert_openai_clip_state_dict",
+    "convert_tir_state_dict",
+    "infer_clip_config",
+    "load_reference_checkpoint",
+    "read_state_dict",
+]
