@@ -177,3 +177,28 @@ def test_a_model_trained_with_a_folder_tokenizer_reloads_with_it(tmp_path):
     assert torch.equal(TIPRModule.load_from_checkpoint(tmp_path / "model.ckpt").processor.tokenize(captions), own)
     for source in (tmp_path / "model.ckpt", tmp_path / "pretrained"):
         assert torch.equal(load_pretrained(source)[1].tokenize(captions), own), source
+
+
+def test_training_or_testing_starts_from_a_pretrained_folder(tmp_path, folder):
+    """model.init_from: the CLIP weights, and each head whose shape fits; the data read with its tokenizer."""
+    from tipr.cli import TIPRCLI
+    from tipr.data import TIPRDataModule
+    from tipr.model import TIPRModule
+
+    pretrained = SENModel.from_pretrained(folder)
+    same = TIPRModule(num_classes=3, init_from=str(folder), image_size=IMAGE_SIZE, text_length=TEXT_LENGTH)
+    for name, value in pretrained.state_dict().items():
+        assert torch.equal(same.network.state_dict()[name], value), name
+    wider = TIPRModule(num_classes=5, init_from=str(folder), image_size=IMAGE_SIZE, text_length=TEXT_LENGTH)
+    weights = wider.network.state_dict()
+    assert weights["classifier.weight"].shape == (5, 64)  # another number of identities: a fresh classifier
+    assert all(torch.equal(weights[k], v) for k, v in pretrained.state_dict().items() if not k.startswith("classifier"))
+    with pytest.raises(ValueError, match=r"init_from=.* was built for image_size \(32, 16\) and text_length 16"):
+        TIPRModule(num_classes=3, init_from=str(folder), image_size=(64, 32), text_length=TEXT_LENGTH)
+
+    config = __import__("pathlib").Path(__file__).resolve().parents[1] / "experiments" / "synthetic.yaml"
+    cli = TIPRCLI(TIPRModule, TIPRDataModule, auto_configure_optimizers=False, run=False, save_config_callback=None,
+                  args=["--config", str(config), "--data.root", str(tmp_path), f"--model.init_from={folder}",
+                        "--data.image_size=[32, 16]", f"--data.text_length={TEXT_LENGTH}"])
+    assert cli.datamodule.tokenizer == str(folder)  # the folder's tokenizer reads the captions
+    assert torch.equal(cli.model.network.clip.visual_projection.weight, pretrained.clip.visual_projection.weight)

@@ -213,7 +213,7 @@ def test_index_then_search_a_pretrained_folder_through_the_cli(trained, photos, 
 
     queries = [trained.captions[2], trained.captions[5]]
     code, out, err = run(capsys, "search", "--model", trained.folder, "--gallery", gallery_file,
-                         "--query+", queries[0], "--query+", queries[1], "--top_k", 3, "--device", "cpu")
+                         "--query", queries[0], "--query", queries[1], "--top_k", 3, "--device", "cpu")
     assert code == 0, err
     assert len([line for line in out.splitlines() if line.strip()[:1].isdigit()]) == 2 * 3
     # What it prints is the brute-force top 3 of each query (scores printed to 4 decimals).

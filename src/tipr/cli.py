@@ -79,10 +79,11 @@ class TIPRCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.image_size", "model.image_size")
         parser.link_arguments("data.text_length", "model.text_length")
-        # A backbone folder with tokenizer files brings its own tokenizer; presets,
-        # hub ids and config dicts use the shipped CLIP BPE.
+        # A pretrained SEN folder (init_from) or a backbone folder with tokenizer files brings its
+        # own tokenizer; presets, hub ids and config dicts use the shipped CLIP BPE.
         parser.link_arguments(
-            "model.backbone", "data.tokenizer", compute_fn=lambda b: b if isinstance(b, str) else None
+            ("model.backbone", "model.init_from"), "data.tokenizer",
+            compute_fn=lambda backbone, init_from: init_from or (backbone if isinstance(backbone, str) else None),
         )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(

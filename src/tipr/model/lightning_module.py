@@ -34,6 +34,10 @@ class TIPRModule(pl.LightningModule):
         backbone: a preset (``"tiny"``), a local CLIP folder or hub id (pretrained; the
             paper uses ``openai/clip-vit-base-patch16``), or a dict of ``CLIPConfig``
             arguments. Checkpoints store it as its full config.
+        init_from: a pretrained SEN folder or hub id (``tipr fit``'s ``<log_dir>/pretrained``,
+            ``tipr convert``) to start from instead of ``backbone``: its CLIP weights, and its
+            ID classifier and TIR head where their shapes fit this module's settings (the
+            others start fresh). ``tipr test --model.init_from=<folder>`` evaluates it.
         sdm_weight, id_weight, triplet_weight, restoration_weight, itc_weight: loss
             weights (reference 1, 1, 10, 10, 0); 0 turns a loss off.
         temperature, margin, mask_ratio, restoration_depth, restoration_residual,
@@ -65,6 +69,7 @@ class TIPRModule(pl.LightningModule):
         self,
         num_classes: int,
         backbone: str | dict[str, Any] = "openai/clip-vit-base-patch16",
+        init_from: str | None = None,
         image_size: tuple[int, int] = (384, 128),
         text_length: int = 77,
         sdm_weight: float = 1.0,
@@ -99,7 +104,10 @@ class TIPRModule(pl.LightningModule):
         from tipr.metrics import RetrievalRanks
         from tipr.pretrained import config_settings
 
-        self.network = SENModel.from_backbone(backbone, num_classes, **config_settings(self.hparams))
+        if init_from:
+            self.network = start_from_pretrained(init_from, num_classes, config_settings(self.hparams))
+        else:
+            self.network = SENModel.from_backbone(backbone, num_classes, **config_settings(self.hparams))
         if gradient_checkpointing:
             clip, kwargs = self.network.clip, {"use_reentrant": False}
             if hasattr(clip, "activation_checkpointing_enable"):
@@ -130,9 +138,13 @@ class TIPRModule(pl.LightningModule):
             from tipr.processing import TIPRProcessor
             from tipr.tokenization import load_tokenizer
 
-            backbone = self.hparams.backbone
-            folder = backbone if isinstance(backbone, str) and backbone not in BACKBONE_PRESETS else None
-            self._processor = TIPRProcessor.for_model(self.network, load_tokenizer(folder))
+            backbone, init_from = self.hparams.backbone, self.hparams.init_from
+            if init_from:
+                tokenizer = TIPRProcessor.from_pretrained(init_from).tokenizer
+            else:
+                folder = backbone if isinstance(backbone, str) and backbone not in BACKBONE_PRESETS else None
+                tokenizer = load_tokenizer(folder)
+            self._processor = TIPRProcessor.for_model(self.network, tokenizer)
         return self._processor
 
     # ------------------------------------------------------------ training
@@ -243,10 +255,10 @@ class TIPRModule(pl.LightningModule):
 
         if self.nonfinite.tripped_at is not None:  # never write weights a non-finite step may have touched
             self.nonfinite.raise_if_tripped(newest_checkpoint(self.trainer))
-        # The backbone as its config (rebuilding never downloads), the network's config and the
+        # The backbone as its config (rebuilding never downloads or reads init_from), the network's config and the
         # tokenizer when it is not the shipped one: enough to rebuild model and processor without Lightning.
         if checkpoint.get("hyper_parameters") is not None:
-            checkpoint["hyper_parameters"]["backbone"] = self.network.clip.config.to_dict()
+            checkpoint["hyper_parameters"].update(backbone=self.network.clip.config.to_dict(), init_from=None)
         checkpoint[CHECKPOINT_CONFIG_KEY] = self.network.config.to_dict()
         checkpoint[CHECKPOINT_PROCESSOR_KEY] = {"tokenizer_files": self.processor.tokenizer_payload()}
 
@@ -265,3 +277,25 @@ class TIPRModule(pl.LightningModule):
             from tipr.checkpointing import export_pretrained
 
             export_pretrained(trainer, self.network, self.processor)
+
+
+def start_from_pretrained(source: str, num_classes: int, settings: dict[str, Any]) -> SENModel:
+    """A network with ``settings`` around the CLIP of a pretrained SEN model, with its ID classifier
+    and TIR head where their shapes fit (else fresh)."""
+    pretrained = SENModel.from_pretrained(source)
+    expected = (pretrained.config.image_size, pretrained.config.text_length)
+    if (tuple(settings["image_size"]), settings["text_length"]) != expected:
+        raise ValueError(
+            f"model.init_from={source!r} was built for image_size {expected[0]} and text_length {expected[1]}; "
+            f"got {tuple(settings['image_size'])} and {settings['text_length']} (set data.image_size / data.text_length)"
+        )
+    # fp32 first: the network casts itself to the reference's fp16 when its own settings say so.
+    network = SENModel.from_backbone(pretrained.clip.float(), num_classes, **settings).train()
+    own = network.state_dict()
+    heads = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("clip.")}
+    fitting = {k: v for k, v in heads.items() if k in own and own[k].shape == v.shape}
+    for prefix in ("classifier.", "restoration."):  # a head is taken whole or not at all
+        mine = {k for k in own if k.startswith(prefix)}
+        if mine and mine <= set(fitting):
+            network.load_state_dict({k: fitting[k] for k in mine}, strict=False)
+    return network
