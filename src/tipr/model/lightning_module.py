@@ -102,7 +102,7 @@ class TIPRModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         from tipr.metrics import RetrievalRanks
-        from tipr.pretrained import config_settings
+        from tipr.pretrained import config_settings, start_from_pretrained
 
         if init_from:
             self.network = start_from_pretrained(init_from, num_classes, config_settings(self.hparams))
@@ -278,24 +278,3 @@ class TIPRModule(pl.LightningModule):
 
             export_pretrained(trainer, self.network, self.processor)
 
-
-def start_from_pretrained(source: str, num_classes: int, settings: dict[str, Any]) -> SENModel:
-    """A network with ``settings`` around the CLIP of a pretrained SEN model, with its ID classifier
-    and TIR head where their shapes fit (else fresh)."""
-    pretrained = SENModel.from_pretrained(source)
-    expected = (pretrained.config.image_size, pretrained.config.text_length)
-    if (tuple(settings["image_size"]), settings["text_length"]) != expected:
-        raise ValueError(
-            f"model.init_from={source!r} was built for image_size {expected[0]} and text_length {expected[1]}; "
-            f"got {tuple(settings['image_size'])} and {settings['text_length']} (set data.image_size / data.text_length)"
-        )
-    # fp32 first: the network casts itself to the reference's fp16 when its own settings say so.
-    network = SENModel.from_backbone(pretrained.clip.float(), num_classes, **settings).train()
-    own = network.state_dict()
-    heads = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("clip.")}
-    fitting = {k: v for k, v in heads.items() if k in own and own[k].shape == v.shape}
-    for prefix in ("classifier.", "restoration."):  # a head is taken whole or not at all
-        mine = {k for k in own if k.startswith(prefix)}
-        if mine and mine <= set(fitting):
-            network.load_state_dict({k: fitting[k] for k in mine}, strict=False)
-    return network
