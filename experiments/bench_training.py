@@ -6,7 +6,7 @@ files and overrides), trains for --warmup + --steps steps and times the last
 else the process's peak resident set size.
 
     python experiments/bench_training.py --config experiments/synthetic.yaml
-    python experiments/bench_training.py --config experiments/sen_cuhk_pedes.yaml \
+    python experiments/bench_training.py --config experiments/sen_base.yaml --config experiments/sen_cuhk_pedes.yaml \
         --data.root /data --trainer.precision=bf16-mixed            # on a GPU
 
 Extra arguments are passed to the CLI (e.g. --model.backbone=..., --data.batch_size=128).

@@ -2,7 +2,7 @@
 # The GPU check, one call on one CUDA GPU, about 5 to 8 minutes in all:
 #   1. training samples/s and peak GPU memory of SEN with ViT-B/16-shaped random weights at
 #      384x128, global batch 128, bf16-mixed, all SEN losses (SDM, ID, triplet, TIR), on the
-#      synthetic benchmark written at 384x128 (the recipe of experiments/sen_cuhk_pedes.yaml);
+#      synthetic benchmark written at 384x128 (the recipe of experiments/sen_base.yaml + sen_cuhk_pedes.yaml);
 #   2. the same with the reference's precision (fp16 weights, --model.reference_fp16_weights);
 #   3. evaluation time at ICFG-PEDES test size (19,848 x 19,848, 512-d) on the GPU;
 #   4. indexing images/s and query latency of `tipr index` / `tipr search` with that model.
@@ -35,8 +35,8 @@ vitb16='{"vision_config": {"hidden_size": 768, "intermediate_size": 3072, "num_h
   "text_config": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
   "num_attention_heads": 8, "max_position_embeddings": 77, "hidden_act": "quick_gelu"},
   "projection_dim": 512}'
-train=(--config experiments/sen_cuhk_pedes.yaml --model.backbone "$vitb16" --trainer.devices 1
-       --data.dataset synthetic --data.root "$work/data" --data.synthetic_image_size "[384, 128]"
+train=(--config experiments/sen_base.yaml --config experiments/sen_cuhk_pedes.yaml --model.backbone "$vitb16" --trainer.devices 1
+       --data.dataset synthetic --data.root "$work/data" --data.synthetic.image_size "[384, 128]"
        --data.num_workers "$workers" --steps 30 --warmup 5)
 
 echo "== 1. training, bf16-mixed (tipr's default)"

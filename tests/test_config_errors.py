@@ -13,8 +13,8 @@ import pytest
 from tipr.data import TIPRDataModule
 from tipr.model import TIPRModule
 
-TINY_DATA = dict(num_train_ids=6, num_val_ids=2, num_test_ids=2, images_per_id=2, captions_per_image=2,
-                 synthetic_image_size=(64, 32))
+TINY_DATA = dict(synthetic=dict(num_train_ids=6, num_val_ids=2, num_test_ids=2, images_per_id=2, captions_per_image=2,
+                               image_size=(64, 32)))
 
 
 def module(**kwargs):

@@ -11,11 +11,12 @@ from tipr.data import TIPRDataModule
 from tipr.data.datasets import GalleryImages, read_image
 from tipr.data.pruning import prune_captions
 from tipr.data.samplers import IdentitySampler, PackedIdentitySampler, RandomOrderSampler
-from tipr.data.synthetic import generate_synthetic
+from tipr.data.synthetic import SyntheticConfig, generate_synthetic
 from tipr.data.transforms import CLIP_MEAN, CLIP_STD, build_eval_transform, build_train_transform
 from tipr.tokenization import tokenize
 
-TINY = dict(num_train_ids=6, num_val_ids=2, num_test_ids=3, images_per_id=2, captions_per_image=2, synthetic_image_size=(64, 32))
+TINY = dict(synthetic=SyntheticConfig(num_train_ids=6, num_val_ids=2, num_test_ids=3, images_per_id=2, captions_per_image=2,
+                                       image_size=(64, 32)))
 
 
 def make(root, **kwargs):
@@ -198,6 +199,34 @@ def test_bad_arguments(tmp_path):
         TIPRDataModule(root=str(tmp_path), prune_prob=2.0)
 
 
+def test_synthetic_options_are_one_nested_argument(tmp_path):
+    """``synthetic`` takes a SyntheticConfig or a dict of its fields; the hyperparameters keep a plain dict
+    (a checkpoint stays loadable with ``weights_only=True``); mistakes name ``data.synthetic.<field>``."""
+    as_dict = make(tmp_path, synthetic=dict(TINY["synthetic"].__dict__))
+    assert as_dict.synthetic == TINY["synthetic"] == make(tmp_path).synthetic
+    assert make(tmp_path).hparams["synthetic"] == dict(TINY["synthetic"].__dict__)
+    assert type(make(tmp_path).hparams["synthetic"]) is dict
+    assert TIPRDataModule(root=str(tmp_path)).synthetic == SyntheticConfig()  # the default benchmark
+    assert TIPRDataModule("CUHK-PEDES", str(tmp_path), synthetic={"num_train_ids": 3}).synthetic is None  # ignored
+    with pytest.raises(ValueError, match=r"data\.synthetic has no option 'num_ids'; expected some of num_train_ids, "):
+        make(tmp_path, synthetic={"num_ids": 3})
+    with pytest.raises(ValueError, match=r"data\.synthetic\.num_test_ids=0: the synthetic benchmark needs >= 1"):
+        make(tmp_path, synthetic={"num_test_ids": 0})
+    with pytest.raises(ValueError, match=r"data\.synthetic\.image_size must be \(height, width\)"):
+        make(tmp_path, synthetic={"image_size": (64,)})
+
+
+def test_synthetic_in_another_format_is_read_with_that_reader(tmp_path, caplog):
+    """``synthetic.format="ICFG-PEDES"``: written and read as ICFG-PEDES, so it has no val split and validates on test."""
+    dm = make(tmp_path, synthetic=SyntheticConfig(num_train_ids=4, num_test_ids=3, images_per_id=2, captions_per_image=1,
+                                                  image_size=(64, 32), format="ICFG-PEDES"), batch_size=4)
+    with caplog.at_level("INFO"):
+        dm.setup("fit")
+    assert (tmp_path / "synthetic" / "ICFG-PEDES.json").is_file()
+    assert sorted(dm.benchmark.splits) == ["test", "train"] and dm.num_classes == 4
+    assert "synthetic has no val split: validation uses the test split" in caplog.text
+
+
 def test_undecodable_image_names_its_path(tmp_path):
     bad = tmp_path / "imgs" / "broken.jpg"
     bad.parent.mkdir()
@@ -282,8 +311,8 @@ def slow_prune(captions):
     return real(captions)
 dm_module.prune_captions = slow_prune
 dm = TIPRDataModule(dataset="synthetic", root=sys.argv[1], image_size=(48, 16), batch_size=8, num_workers=0,
-                    text_length=33, num_train_ids=6, num_val_ids=2, num_test_ids=3, images_per_id=2,
-                    captions_per_image=2, synthetic_image_size=(64, 32))
+                    text_length=33, synthetic=dict(num_train_ids=6, num_val_ids=2, num_test_ids=3, images_per_id=2,
+                                                   captions_per_image=2, image_size=(64, 32)))
 dm.benchmark  # read the data first, so both processes reach the cache together
 start = sys.argv[2]
 while time.time() < float(start):

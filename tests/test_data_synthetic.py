@@ -1,5 +1,6 @@
 """The synthetic benchmark: deterministic, readable by the real readers in all three formats, learnable captions."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -12,8 +13,9 @@ from tipr.data.synthetic import (
     COLOURS,
     META_FILE,
     SyntheticConfig,
-    _distinct_persons,
     describe,
+    distinct_persons,
+    draw_person,
     ensure_synthetic,
     generate_synthetic,
     sample_person,
@@ -62,7 +64,7 @@ def test_each_format_reads_back_with_the_real_reader(tmp_path, fmt, annotation, 
 
 
 def test_identities_differ_in_what_every_caption_mentions():
-    persons = _distinct_persons(300, np.random.default_rng(0))
+    persons = distinct_persons(300, np.random.default_rng(0))
     keys = {(p.upper, p.upper_colour, p.stripes, p.lower, p.lower_colour) for p in persons}
     assert len(keys) == 300
 
@@ -84,8 +86,6 @@ def test_captions_name_the_garments_and_give_pruning_work():
 
 def test_images_show_the_garment_colours():
     """The upper garment's colour is the most common named colour in the middle of the torso."""
-    from tipr.data.synthetic import draw_person
-
     rng = np.random.default_rng(1)
     hits = 0
     for _ in range(20):
@@ -97,6 +97,28 @@ def test_images_show_the_garment_colours():
         nearest = np.argmin(((chest[:, None, :] - table[None]) ** 2).sum(-1), axis=1)
         hits += names[np.bincount(nearest, minlength=len(names)).argmax()] == person.upper_colour
     assert hits >= 17  # lighting and stripes may shift a few
+
+
+def test_a_painter_draws_only_its_own_part():
+    """Adding glasses or a scarf to an identity (same image generator) changes only the rows of the face or the neck."""
+    from PIL import ImageDraw
+
+    from tipr.data.synthetic.painters import Figure, paint_background
+
+    person = dataclasses.replace(sample_person(np.random.default_rng(3)), glasses=False, scarf_colour=None)
+    H, W = 128, 64
+
+    def render(p):
+        return np.asarray(draw_person(p, np.random.default_rng(9), (H, W), supersample=1)).astype(int)
+
+    rng = np.random.default_rng(9)  # the figure draw_person places: the same draws in the same order
+    paint_background(ImageDraw.Draw(Image.new("RGB", (W, H))), W, H, rng)
+    figure = Figure.place(person, rng, W, H)
+    plain = render(person)
+    for change, (top, bottom) in [({"glasses": True}, (figure.head_y - figure.head_r, figure.head_y + figure.head_r)),
+                                  ({"scarf_colour": "green"}, (figure.y(12.5), figure.y(28)))]:
+        rows = np.flatnonzero((render(dataclasses.replace(person, **change)) != plain).any(axis=(1, 2)))
+        assert rows.size and top - 1 <= rows.min() and rows.max() <= bottom + 1, (change, rows, top, bottom)
 
 
 def test_ensure_synthetic_reuses_regenerates_and_refuses_foreign_folders(tmp_path):
@@ -117,11 +139,24 @@ def test_ensure_synthetic_reuses_regenerates_and_refuses_foreign_folders(tmp_pat
         ensure_synthetic(foreign, SMALL)
 
 
-def test_sample_grid_png(tmp_path):
+def test_sample_grid_shows_the_images_as_read_back_with_their_captions(tmp_path):
     folder = generate_synthetic(tmp_path / "s", SMALL)
-    png = save_sample_grid(folder, tmp_path / "grid.png", num_ids=4, images_per_id=2)
+    png = save_sample_grid(folder, tmp_path / "grid.png", num_ids=4, images_per_id=2, scale=2, ids_per_row=2)
+    train = read_benchmark_folder(folder, "CUHK-PEDES").split("train")
     with Image.open(png) as im:
-        assert im.width > 4 * 32 and im.height > 2 * 64 * 2
+        sheet = np.asarray(im.convert("RGB"))
+    pad, tile_h, tile_w = 4, 128, 64  # image_grid's default pad; the 64 x 32 images at scale 2
+    # 4 identities x 2 images, 2 identities a row: 2 rows of 4 tiles, each tile with its caption under it.
+    assert sheet.shape[1] == pad + 4 * (tile_w + pad) and sheet.shape[0] > 2 * (tile_h + pad) + 2 * 12
+    for n, path in enumerate(train.image_paths[:4]):  # row 0: identities 1 and 2, their images in order
+        with Image.open(folder / "imgs" / path) as image:
+            expected = np.asarray(image.convert("RGB").resize((tile_w, tile_h), Image.Resampling.NEAREST))
+        x = pad + n * (tile_w + pad)
+        assert np.array_equal(sheet[pad:pad + tile_h, x:x + tile_w], expected), path
+        below = sheet[pad + tile_h + 2:pad + tile_h + 14, x:x + tile_w]
+        assert (below < 128).any(), f"no caption text under tile {n}"
+    with pytest.raises(ValueError, match="split 'train' has no images to show"):
+        save_sample_grid(folder, tmp_path / "none.png", num_ids=0)
 
 
 def test_bad_config():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, fields
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -27,8 +28,23 @@ from tipr.tokenization import load_tokenizer, tokenize, tokenizer_files
 __all__ = ["DATASETS", "TIPRDataModule"]
 
 DATASETS = (*BENCHMARKS, "synthetic")
-SYNTHETIC_FORMAT = "CUHK-PEDES"
 _CACHE_VERSION = 2  # 2: the key includes tipr's version; entries are checked against the benchmark
+
+
+def _synthetic_config(synthetic: SyntheticConfig | Mapping) -> SyntheticConfig:
+    """``data.synthetic`` as a :class:`SyntheticConfig` (a dict comes from code or a checkpoint's hyperparameters)."""
+    if isinstance(synthetic, SyntheticConfig):
+        return synthetic
+    if not isinstance(synthetic, Mapping):
+        raise TypeError(f"data.synthetic must be a SyntheticConfig or a dict of its fields, got {type(synthetic).__name__}")
+    known = [f.name for f in fields(SyntheticConfig)]
+    unknown = sorted(set(synthetic) - set(known))
+    if unknown:
+        raise ValueError(f"data.synthetic has no option {', '.join(map(repr, unknown))}; expected some of {', '.join(known)}")
+    try:
+        return SyntheticConfig(**synthetic)
+    except ValueError as e:
+        raise ValueError(str(e).replace("synthetic.", "data.synthetic.")) from None
 
 
 class ResumableLoader(DataLoader):
@@ -79,7 +95,8 @@ class TIPRDataModule(L.LightningDataModule):
     Args:
         dataset: ``"CUHK-PEDES"``, ``"ICFG-PEDES"``, ``"RSTPReid"`` (read from
             ``<root>/<dataset>/``) or ``"synthetic"`` (generated on first use into
-            ``<root>/synthetic/`` in the CUHK-PEDES format, then read like CUHK-PEDES).
+            ``<root>/synthetic/`` as ``synthetic`` says, then read with the
+            reader of its format, CUHK-PEDES by default).
         root: folder holding the dataset folders.
         image_size: model input (H, W).
         batch_size: the *global* training batch (128 in the recipe). With ``W``
@@ -115,11 +132,9 @@ class TIPRDataModule(L.LightningDataModule):
         cache_dir: where the token cache goes (must be writable; if the default
             is not, tokens are computed in memory with a warning).
         seed: seed of the training sampler's epoch plans and of caption pruning draws.
-        num_train_ids, num_val_ids, num_test_ids, images_per_id, captions_per_image,
-        synthetic_image_size: size of the synthetic benchmark (``dataset="synthetic"`` only;
-            its own val identities, disjoint from test; ``num_val_ids=0`` validates on test).
-            The synthetic images and captions are always drawn with generator seed 0,
-            so every run of a config sees the same benchmark; ``seed`` does not change them.
+        synthetic: the synthetic benchmark's size, image size, generator seed and
+            format (``dataset="synthetic"`` only): a
+            :class:`~tipr.data.synthetic.SyntheticConfig` or a dict of its fields
     """
 
     #: Seconds a process waits for another one that is writing the same token cache.
@@ -143,14 +158,11 @@ class TIPRDataModule(L.LightningDataModule):
         tokenizer: str | None = None,
         cache_dir: str | None = None,
         seed: int = 0,
-        num_train_ids: int = 500,
-        num_val_ids: int = 100,
-        num_test_ids: int = 100,
-        images_per_id: int = 4,
-        captions_per_image: int = 2,
-        synthetic_image_size: tuple[int, int] = (128, 64),
+        synthetic: SyntheticConfig = SyntheticConfig(),
     ):
         super().__init__()
+        synthetic_config = _synthetic_config(synthetic)
+        synthetic = asdict(synthetic_config)  # what save_hyperparameters records: a plain dict, loadable with weights_only
         if dataset not in DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
         if sampler not in SAMPLERS:
@@ -179,11 +191,7 @@ class TIPRDataModule(L.LightningDataModule):
         self.tokenizer = tokenizer
         self.cache_dir = cache_dir
         self.seed = seed
-        self.synthetic = (
-            SyntheticConfig(num_train_ids, num_val_ids, num_test_ids, images_per_id, captions_per_image,
-                            tuple(synthetic_image_size), seed=0, format=SYNTHETIC_FORMAT)
-            if dataset == "synthetic" else None
-        )
+        self.synthetic = synthetic_config if dataset == "synthetic" else None
         self._benchmark: Benchmark | None = None
         self._tokens: dict[str, dict[str, torch.Tensor]] | None = None
         self.train_set: TrainPairs | None = None
@@ -202,7 +210,7 @@ class TIPRDataModule(L.LightningDataModule):
         if self._benchmark is None:
             if self.synthetic is not None:
                 ensure_synthetic(self.folder, self.synthetic)
-                benchmark = read_benchmark_folder(self.folder, SYNTHETIC_FORMAT)
+                benchmark = read_benchmark_folder(self.folder, self.synthetic.format)
                 if benchmark.num_classes != self.synthetic.num_train_ids:
                     raise RuntimeError(f"{benchmark.annotation} has {benchmark.num_classes} training identities, "
                                        f"expected {self.synthetic.num_train_ids}; delete {self.folder} to regenerate it")
