@@ -19,7 +19,7 @@ import torch
 from tipr.data import TIPRDataModule
 from tipr.model import TIPRModule
 
-LOSS_KEYS = ("train/loss", "train/sdm_loss", "train/id_loss", "train/tri_loss", "train/tir_loss")
+LOSS_KEYS = ("train/loss", "train/sdm_loss", "train/id_loss", "train/triplet_loss", "train/restoration_loss")
 STEPS = 3
 
 
@@ -28,8 +28,8 @@ def data_module(root: str) -> TIPRDataModule:
     each sample's draws come from its plan position's seed, whatever the number of processes."""
     return TIPRDataModule(
         "synthetic", root, image_size=(32, 16), batch_size=8, num_workers=0, text_length=24, prune_prob=0.5,
-        num_train_ids=12, num_val_ids=0, num_test_ids=2,
-        images_per_id=2, captions_per_image=2, synthetic_image_size=(64, 32),
+        synthetic=dict(num_train_ids=12, num_val_ids=0, num_test_ids=2, images_per_id=2, captions_per_image=2,
+                       image_size=(64, 32)),
     )
 
 
@@ -53,7 +53,7 @@ def main() -> None:
     data = data_module(args.root)
     module = TIPRModule(
         num_classes=data.num_classes, backbone="tiny", image_size=(32, 16), text_length=24, lr=1e-3,
-        warmup_epochs=0.5, tir_depth=1,
+        warmup_epochs=0.5, restoration_depth=1,
     )
     initial = {name: value.detach().clone() for name, value in module.network.state_dict().items()}
     recorder = LossRecorder()

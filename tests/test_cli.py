@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tipr.cli import TIPRCLI, format_results_table, main
@@ -21,10 +22,10 @@ TIPR = str(Path(sys.executable).parent / "tipr")
 
 # A small synthetic benchmark and a short schedule: seconds, not minutes.
 SMALL_DATA = [
-    "--data.num_train_ids=96",
-    "--data.num_val_ids=20",
-    "--data.num_test_ids=20",
-    "--data.images_per_id=2",
+    "--data.synthetic.num_train_ids=96",
+    "--data.synthetic.num_val_ids=20",
+    "--data.synthetic.num_test_ids=20",
+    "--data.synthetic.images_per_id=2",
     "--data.num_workers=0",
     "--data.batch_size=32",
 ]
@@ -44,7 +45,8 @@ def small_run(tmp_path: Path) -> list[str]:
 def test_wrong_dataset_root_fails_at_once_naming_the_path(tmp_path):
     missing = tmp_path / "no-such-root"
     with pytest.raises(Exception) as err:
-        main(["fit", "--config", str(EXPERIMENTS / "sen_cuhk_pedes.yaml"), "--data.root", str(missing),
+        main(["fit", "--config", str(EXPERIMENTS / "sen_base.yaml"), "--config", str(EXPERIMENTS / "sen_cuhk_pedes.yaml"),
+              "--data.root", str(missing),
               "--model.backbone=tiny"])
     assert str(missing) in str(err.value)
 
@@ -114,7 +116,7 @@ def test_end_to_end_fit_then_test_through_the_cli(tmp_path):
     (ATEN_CPU_CAPABILITY=avx512 and avx2) and 57.5% (default).
     """
     # 256 identities x 2 images x 2 captions = 32 batches of 32 an epoch: 480 steps.
-    run = [*small_run(tmp_path), "--data.num_train_ids=256"]
+    run = [*small_run(tmp_path), "--data.synthetic.num_train_ids=256"]
     fit = run_tipr(["fit", *run, "--trainer.max_epochs=15", "--trainer.check_val_every_n_epoch=5"], timeout=900)
     assert "test results" in fit.stdout and "| SEN (text-to-image) |" in fit.stdout
     after_fit = read_results(tmp_path / "out")
@@ -123,6 +125,13 @@ def test_end_to_end_fit_then_test_through_the_cli(tmp_path):
 
     best = sorted((tmp_path / "out").rglob("best-*.ckpt"))
     assert len(best) == 1
+    # fit left the best checkpoint's network as a pretrained folder beside its logs
+    from tipr.pretrained import load_pretrained
+
+    folder = best[0].parent.parent / "pretrained"
+    exported, from_checkpoint = load_pretrained(folder)[0].state_dict(), load_pretrained(best[0])[0].state_dict()
+    assert exported.keys() == from_checkpoint.keys()
+    assert all(torch.equal(exported[k], from_checkpoint[k]) for k in exported)
     test = run_tipr(["test", *run, "--ckpt_path", str(best[0])], timeout=300)
     assert "| SEN (text-to-image) |" in test.stdout
     assert read_results(tmp_path / "out") == pytest.approx(after_fit, abs=1e-6)
@@ -132,13 +141,14 @@ def test_end_to_end_fit_then_test_through_the_cli(tmp_path):
 def test_ddp_two_processes_on_cpu_equal_a_single_process_evaluation(tmp_path):
     """`--trainer.devices=2 --trainer.strategy=ddp` works unchanged, and its test metrics
     (gathered over ranks, padded duplicates dropped) equal a one-process `tipr test`."""
-    run = [*small_run(tmp_path), "--data.num_train_ids=48", "--data.num_test_ids=21", "--data.num_val_ids=11",
-           "--data.images_per_id=3", "--data.eval_batch_size=16", "--trainer.max_epochs=2",
+    run = [*small_run(tmp_path), "--data.synthetic.num_train_ids=48", "--data.synthetic.num_test_ids=21", "--data.synthetic.num_val_ids=11",
+           "--data.synthetic.images_per_id=3", "--data.eval_batch_size=16", "--trainer.max_epochs=2",
            "--trainer.check_val_every_n_epoch=1"]
     run_tipr(["fit", *run, "--trainer.devices=2", "--trainer.strategy=ddp"], timeout=600)
     ddp = read_results(tmp_path / "out")
     best = sorted((tmp_path / "out").rglob("best-*.ckpt"))
     assert len(best) == 1
+    assert (best[0].parent.parent / "pretrained" / "model.safetensors").is_file()  # rank 0 exported, no hang
     run_tipr(["test", *run, "--ckpt_path", str(best[0]), "--trainer.devices=1"], timeout=300)
     single = read_results(tmp_path / "out")
     assert set(ddp) == set(single) and "test/R1" in ddp

@@ -23,7 +23,7 @@ def fit(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
         "fit", "--config", str(ROOT / "experiments" / "synthetic.yaml"),
         "--data.root", str(data), "--trainer.default_root_dir", str(out),
         "--trainer.logger.init_args.save_dir", str(out), "--trainer.enable_progress_bar=false",
-        "--data.num_train_ids=96", "--data.num_val_ids=20", "--data.num_test_ids=20", "--data.images_per_id=2",
+        "--data.synthetic.num_train_ids=96", "--data.synthetic.num_val_ids=20", "--data.synthetic.num_test_ids=20", "--data.synthetic.images_per_id=2",
         "--data.num_workers=1", "--data.batch_size=32",
         "--trainer.max_epochs=3", "--trainer.check_val_every_n_epoch=1", "--last_checkpoint.every_n_train_steps=4",
         *extra,
@@ -102,8 +102,9 @@ def test_last_checkpoint_is_written_at_epoch_ends_and_by_time_and_atomically(tmp
     from tipr.model import TIPRModule
 
     data = TIPRDataModule("synthetic", str(tmp_path / "data"), image_size=(32, 16), batch_size=4, num_workers=0,
-                          text_length=16, sampler="random", num_train_ids=12, num_val_ids=0, num_test_ids=2,
-                          images_per_id=2, captions_per_image=2, synthetic_image_size=(64, 32))  # 12 steps an epoch
+                          text_length=16, sampler="random",
+                          synthetic=dict(num_train_ids=12, num_val_ids=0, num_test_ids=2, images_per_id=2,
+                                         captions_per_image=2, image_size=(64, 32)))  # 12 steps an epoch
     last = LastCheckpoint(every_n_minutes=1e-9)
     saved_at = []
     original = last.save

@@ -142,12 +142,15 @@ def newest_checkpoint(trainer) -> str | None:
     return str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else None
 
 
-def export_pretrained(trainer, network, processor) -> Path:
-    """Write ``<log_dir>/pretrained``: the best checkpoint's network (the current one when no
-    checkpoint callback chose a best) and the processor, for ``SENModel.from_pretrained``."""
+def export_pretrained(trainer, network, processor, folder: str | Path) -> Path:
+    """Write ``folder`` (``<log_dir>/pretrained``): the best checkpoint's network (the current one when
+    no checkpoint callback chose a best) and the processor, for ``SENModel.from_pretrained``.
+
+    Called on one rank: it runs no collective (``trainer.log_dir`` is one under DDP, so the
+    caller asks for it on every rank)."""
     from tipr.pretrained import load_lightning_checkpoint, save_pretrained
 
-    folder = Path(trainer.log_dir or trainer.default_root_dir) / "pretrained"
+    folder = Path(folder)
     best = getattr(trainer.checkpoint_callback, "best_model_path", None)
     if best and Path(best).is_file():
         network, _ = load_lightning_checkpoint(best)

@@ -1,8 +1,8 @@
 """The ``tipr`` command: LightningCLI over ``TIPRModule`` and ``TIPRDataModule``.
 
     tipr fit --config experiments/synthetic.yaml
-    tipr fit --config experiments/sen_cuhk_pedes.yaml --data.root /data --model.restoration_weight=5
-    tipr test --config experiments/sen_cuhk_pedes.yaml --ckpt_path path/to/best.ckpt
+    tipr fit --config experiments/sen_base.yaml --config experiments/sen_cuhk_pedes.yaml --data.root /data --model.restoration_weight=5
+    tipr test --config experiments/sen_base.yaml --config experiments/sen_cuhk_pedes.yaml --ckpt_path path/to/best.ckpt
 
 Every constructor argument of the two classes is an option (``--model.*``,
 ``--data.*``), as is every ``Trainer`` argument (``--trainer.*``). On top of

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -273,8 +274,9 @@ class TIPRModule(pl.LightningModule):
     def on_fit_end(self) -> None:
         # Only runs that keep something (a logger or a checkpoint callback) leave a pretrained folder.
         trainer = self.trainer
-        if trainer.is_global_zero and (trainer.loggers or trainer.checkpoint_callbacks):
+        if trainer.loggers or trainer.checkpoint_callbacks:
             from tipr.checkpointing import export_pretrained
 
-            export_pretrained(trainer, self.network, self.processor)
-
+            log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
+            if trainer.is_global_zero:
+                export_pretrained(trainer, self.network, self.processor, Path(log_dir) / "pretrained")
