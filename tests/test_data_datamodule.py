@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import tipr.data.datamodule as datamodule_module
+import tipr.data.token_cache as token_cache
 from tipr.data import TIPRDataModule
 from tipr.data.datasets import GalleryImages, read_image
 from tipr.data.pruning import prune_captions
@@ -165,8 +165,8 @@ def test_tokens_come_from_the_cache_the_second_time(root, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("tokenized or pruned again despite the cache")
 
-    monkeypatch.setattr(datamodule_module, "tokenize", forbidden)
-    monkeypatch.setattr(datamodule_module, "prune_captions", forbidden)
+    monkeypatch.setattr(token_cache, "tokenize", forbidden)
+    monkeypatch.setattr(token_cache, "prune_captions", forbidden)
     second = make(root)
     second.setup("fit")
     for split, entry in first.caption_tokens().items():
@@ -300,16 +300,16 @@ def test_sample_draws_depend_on_the_plan_position_only_and_a_resumed_epoch_conti
 
 RACE = """
 import json, sys, time
-import tipr.data.datamodule as dm_module
+import tipr.data.token_cache as token_cache
 from tipr.data import TIPRDataModule
 
 calls = []
-real = dm_module.prune_captions
+real = token_cache.prune_captions
 def slow_prune(captions):
     calls.append(1)
     time.sleep(1.0)  # widen the window in which the other process could start computing too
     return real(captions)
-dm_module.prune_captions = slow_prune
+token_cache.prune_captions = slow_prune
 dm = TIPRDataModule(dataset="synthetic", root=sys.argv[1], image_size=(48, 16), batch_size=8, num_workers=0,
                     text_length=33, synthetic=dict(num_train_ids=6, num_val_ids=2, num_test_ids=3, images_per_id=2,
                                                    captions_per_image=2, image_size=(64, 32)))

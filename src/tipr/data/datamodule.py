@@ -2,33 +2,26 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, fields
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
-from filelock import FileLock, Timeout
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from tipr.data.benchmarks import BENCHMARKS, PUBLIC_COUNTS, Benchmark, read_benchmark, read_benchmark_folder, split_table
 from tipr.data.datasets import GalleryImages, QueryCaptions, TrainPairs
-from tipr.data.pruning import TAGGER_ASSET, prune_captions
 from tipr.data.samplers import SAMPLERS, local_batch_size
 from tipr.data.synthetic import SyntheticConfig, ensure_synthetic
+from tipr.data.token_cache import caption_tokens
 from tipr.data.transforms import build_eval_transform, build_train_transform
-from tipr.tokenization import load_tokenizer, tokenize, tokenizer_files
 
 __all__ = ["DATASETS", "TIPRDataModule"]
 
 DATASETS = (*BENCHMARKS, "synthetic")
-_CACHE_VERSION = 2  # 2: the key includes tipr's version; entries are checked against the benchmark
 
 
 def _synthetic_config(synthetic: SyntheticConfig | Mapping) -> SyntheticConfig:
@@ -234,103 +227,14 @@ class TIPRDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------ captions
 
-    def _cache_key(self) -> str:
-        from tipr import __version__
-
-        h = hashlib.sha256(f"tipr-tokens-v{_CACHE_VERSION} tipr={__version__} text_length={self.text_length}\n".encode())
-        with open(self.benchmark.annotation, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        tokenizer = load_tokenizer(self.tokenizer)
-        h.update(f"{type(tokenizer).__name__} {len(tokenizer)}\n".encode())
-        for path in tokenizer_files(tokenizer):
-            h.update(path.name.encode() + path.read_bytes())
-        h.update(resources.files("tipr").joinpath(TAGGER_ASSET).read_bytes())
-        h.update(resources.files("tipr.data").joinpath("pruning.py").read_bytes())
-        return h.hexdigest()
-
-    def _cache_path(self, key: str) -> Path:
-        folder = Path(self.cache_dir) if self.cache_dir else self.folder / ".tipr_cache"
-        return folder / f"tokens-{key[:20]}.pt"
-
-    def _compute_tokens(self) -> dict[str, dict[str, torch.Tensor]]:
-        tokenizer = load_tokenizer(self.tokenizer)
-        out = {}
-        for name, split in self.benchmark.splits.items():
-            entry = {"tokens": tokenize(split.captions, tokenizer, self.text_length).to(torch.int32)}
-            if name == "train":
-                entry["pruned"] = tokenize(prune_captions(split.captions), tokenizer, self.text_length).to(torch.int32)
-            out[name] = entry
-        return out
-
-    def _read_cache(self, path: Path, key: str) -> dict[str, dict[str, torch.Tensor]] | None:
-        """The cached tokens if ``path`` holds this key's cache in the expected layout, else None (logged)."""
-        if not path.is_file():
-            return None
-        try:
-            cached = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a truncated or foreign file: recompute and overwrite
-            rank_zero_info(f"ignoring unreadable token cache {path} ({type(e).__name__}: {e}); rebuilding it")
-            return None
-        splits = cached.get("splits") if isinstance(cached, dict) else None
-        expected = {name: len(split.captions) for name, split in self.benchmark.splits.items()}
-        fits = (
-            cached.get("key") == key
-            and isinstance(splits, dict)
-            and set(splits) == set(expected)
-            and all(
-                isinstance(splits[name].get(kind), torch.Tensor)
-                and splits[name][kind].dtype == torch.int32
-                and tuple(splits[name][kind].shape) == (rows, self.text_length)
-                for name, rows in expected.items()
-                for kind in (("tokens", "pruned") if name == "train" else ("tokens",))
-            )
-        )
-        if not fits:
-            rank_zero_info(f"token cache {path} was written for other data or by another tipr version; rebuilding it")
-            return None
-        return splits
-
     def caption_tokens(self) -> dict[str, dict[str, torch.Tensor]]:
-        """``{split: {"tokens": int32 (N, L), "pruned": int32 (N, L) (train only)}}``, from the cache if possible.
-
-        Several processes (two runs, or the nodes of one DDP run on a shared file
-        system) that start together compute the cache once: the first takes a lock
-        file beside it, the others wait for it and read what it wrote. The file is
-        written to a temporary name and renamed into place, so it is never seen half-written.
-        """
-        if self._tokens is not None:
-            return self._tokens
-        key = self._cache_key()
-        path = self._cache_path(key)
-        self._tokens = self._read_cache(path, key)
-        if self._tokens is not None:
-            return self._tokens
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            lock = FileLock(f"{path}.lock", timeout=self.cache_lock_timeout)
-            lock.acquire()
-        except OSError as e:
-            if self.cache_dir:
-                raise OSError(f"cannot write the token cache to cache_dir={self.cache_dir}: {e}") from e
-            warnings.warn(f"cannot write the token cache next to the data ({path}: {e}); set cache_dir to keep it between runs")
-            self._tokens = self._compute_tokens()
-            return self._tokens
-        except Timeout as e:
-            raise TimeoutError(
-                f"waited {self.cache_lock_timeout:.0f} s for another process to write the token cache {path} "
-                f"(lock {path}.lock); if no other run is using it, delete the lock file"
-            ) from e
-        try:
-            self._tokens = self._read_cache(path, key)  # written by another process while this one waited
-            if self._tokens is None:
-                rank_zero_info(f"{self.dataset}: tokenizing and pruning captions once (cache: {path})")
-                self._tokens = self._compute_tokens()
-                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-                torch.save({"key": key, "splits": self._tokens}, tmp)
-                os.replace(tmp, path)
-        finally:
-            lock.release()
+        """``{split: {"tokens": int32 (N, L), "pruned": int32 (N, L) (train only)}}``, tokenized and pruned
+        once and cached on disk (:func:`tipr.data.token_cache.caption_tokens`)."""
+        if self._tokens is None:
+            folder = Path(self.cache_dir) if self.cache_dir else self.folder / ".tipr_cache"
+            self._tokens = caption_tokens(self.benchmark, self.tokenizer, self.text_length, folder,
+                                          own_folder=bool(self.cache_dir), lock_timeout=self.cache_lock_timeout,
+                                          name=self.dataset)
         return self._tokens
 
     # ------------------------------------------------------------ Lightning hooks
