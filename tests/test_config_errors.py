@@ -10,29 +10,19 @@ from types import SimpleNamespace
 
 import pytest
 
-from tipr.data import TIPRDataModule
-from tipr.model import TIPRModule
-
-TINY_DATA = dict(synthetic=dict(num_train_ids=6, num_val_ids=2, num_test_ids=2, images_per_id=2, captions_per_image=2,
-                               image_size=(64, 32)))
-
+from tiny import Tiny
 
 def module(**kwargs):
-    return TIPRModule(**{"num_classes": 4, "backbone": "tiny", "image_size": (32, 16), "text_length": 16, **kwargs})
+    return Tiny.module(**kwargs)
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    TIPRDataModule("synthetic", str(root), image_size=(32, 16), batch_size=8, num_workers=0, text_length=16,
-                   **TINY_DATA).prepare_data()
-    return root
+def root(synthetic_root):
+    return synthetic_root
 
 
 def data(root, **kwargs):
-    options = dict(dataset="synthetic", root=str(root), image_size=(32, 16), batch_size=8, num_workers=0,
-                   text_length=16, **TINY_DATA)
-    return TIPRDataModule(**{**options, **kwargs})
+    return Tiny.data(root, **kwargs)
 
 
 def test_a_batch_the_identity_sampler_cannot_fill(root):

@@ -14,9 +14,9 @@ from tipr.data.samplers import IdentitySampler, PackedIdentitySampler, RandomOrd
 from tipr.data.synthetic import SyntheticConfig, generate_synthetic
 from tipr.data.transforms import CLIP_MEAN, CLIP_STD, build_eval_transform, build_train_transform
 from tipr.tokenization import tokenize
+from tiny import Tiny
 
-TINY = dict(synthetic=SyntheticConfig(num_train_ids=6, num_val_ids=2, num_test_ids=3, images_per_id=2, captions_per_image=2,
-                                       image_size=(64, 32)))
+TINY = dict(synthetic=SyntheticConfig(**Tiny.synthetic))
 
 
 def make(root, **kwargs):

@@ -10,10 +10,11 @@ from torch.utils.data import DataLoader, Dataset
 from tipr.model import TIPRModule
 from tipr.model.training import warmup_cosine_factor
 from tipr.tokenization import tokenize
+from tiny import Tiny
 
 
-IMAGE_SIZE = (32, 16)
-TEXT_LENGTH = 16
+IMAGE_SIZE = Tiny.image_size
+TEXT_LENGTH = Tiny.text_length
 COLOURS = ["red", "blue", "green", "black"]
 
 
@@ -63,9 +64,7 @@ class LrRecorder(pl.Callback):
 
 
 def _module(**kwargs):
-    torch.manual_seed(0)
-    defaults = dict(num_classes=4, backbone="tiny", image_size=IMAGE_SIZE, text_length=TEXT_LENGTH, lr=1e-3)
-    return TIPRModule(**{**defaults, **kwargs})
+    return Tiny.module(**{"lr": 1e-3, **kwargs})
 
 
 def _trainer(tmp_path, **kwargs):

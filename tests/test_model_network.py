@@ -14,17 +14,16 @@ from tipr.model.restoration import (
     unpatchify,
 )
 from tipr.tokenization import tokenize
+from tiny import Tiny
 
 
-IMAGE_SIZE = (32, 16)  # patch 8 -> 4 x 2 grid
-TEXT_LENGTH = 16
+IMAGE_SIZE = Tiny.image_size  # patch 8 -> 4 x 2 grid
+TEXT_LENGTH = Tiny.text_length
 CAPTIONS = ["a man in a red shirt", "a woman with blue jeans and a black bag", "red shirt", "person"]
 
 
 def _network(**kwargs):
-    torch.manual_seed(0)
-    kwargs = {"num_classes": 3, "image_size": IMAGE_SIZE, "text_length": TEXT_LENGTH, **kwargs}
-    return SENModel.from_backbone("tiny", **kwargs)
+    return Tiny.network(**{"num_classes": 3, **kwargs})
 
 
 def _batch(seed=0):

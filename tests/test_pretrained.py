@@ -13,15 +13,15 @@ from tipr.model import SENConfig, SENModel, SENOutput
 from tipr.pretrained import load_pretrained, push_to_hub, save_pretrained
 from tipr.processing import TIPRProcessor
 from tipr.tokenization import load_tokenizer
+from tiny import Tiny
 
-IMAGE_SIZE = (32, 16)
-TEXT_LENGTH = 16
+IMAGE_SIZE = Tiny.image_size
+TEXT_LENGTH = Tiny.text_length
 CAPTIONS = ["a man in a red shirt", "a woman with a skirt and a black bag"]
 
 
 def _model(**settings):
-    torch.manual_seed(0)
-    return SENModel.from_backbone("tiny", num_classes=3, image_size=IMAGE_SIZE, text_length=TEXT_LENGTH, **settings)
+    return Tiny.network(**settings)
 
 
 def _pictures():
@@ -29,11 +29,8 @@ def _pictures():
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    model = _model()
-    path = tmp_path_factory.mktemp("pretrained") / "sen-tiny"
-    save_pretrained(model, TIPRProcessor.for_model(model), path)
-    return path
+def folder(tiny_pretrained):
+    return tiny_pretrained
 
 
 @pytest.mark.parametrize("fp16", [False, True])
@@ -186,7 +183,7 @@ def test_training_or_testing_starts_from_a_pretrained_folder(tmp_path, folder):
     from tipr.model import TIPRModule
 
     pretrained = SENModel.from_pretrained(folder)
-    same = TIPRModule(num_classes=3, init_from=str(folder), image_size=IMAGE_SIZE, text_length=TEXT_LENGTH)
+    same = TIPRModule(num_classes=Tiny.num_classes, init_from=str(folder), image_size=IMAGE_SIZE, text_length=TEXT_LENGTH)
     for name, value in pretrained.state_dict().items():
         assert torch.equal(same.network.state_dict()[name], value), name
     wider = TIPRModule(num_classes=5, init_from=str(folder), image_size=IMAGE_SIZE, text_length=TEXT_LENGTH)
@@ -194,7 +191,7 @@ def test_training_or_testing_starts_from_a_pretrained_folder(tmp_path, folder):
     assert weights["classifier.weight"].shape == (5, 64)  # another number of identities: a fresh classifier
     assert all(torch.equal(weights[k], v) for k, v in pretrained.state_dict().items() if not k.startswith("classifier"))
     with pytest.raises(ValueError, match=r"init_from=.* was built for image_size \(32, 16\) and text_length 16"):
-        TIPRModule(num_classes=3, init_from=str(folder), image_size=(64, 32), text_length=TEXT_LENGTH)
+        TIPRModule(num_classes=Tiny.num_classes, init_from=str(folder), image_size=(64, 32), text_length=TEXT_LENGTH)
 
     config = __import__("pathlib").Path(__file__).resolve().parents[1] / "experiments" / "synthetic.yaml"
     cli = TIPRCLI(TIPRModule, TIPRDataModule, auto_configure_optimizers=False, run=False, save_config_callback=None,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import Tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 TIPR = str(Path(sys.executable).parent / "tipr")
@@ -98,13 +99,9 @@ def test_last_checkpoint_is_written_at_epoch_ends_and_by_time_and_atomically(tmp
     import lightning.pytorch as pl
 
     from tipr.checkpointing import AtomicCheckpointIO, LastCheckpoint
-    from tipr.data import TIPRDataModule
-    from tipr.model import TIPRModule
 
-    data = TIPRDataModule("synthetic", str(tmp_path / "data"), image_size=(32, 16), batch_size=4, num_workers=0,
-                          text_length=16, sampler="random",
-                          synthetic=dict(num_train_ids=12, num_val_ids=0, num_test_ids=2, images_per_id=2,
-                                         captions_per_image=2, image_size=(64, 32)))  # 12 steps an epoch
+    data = Tiny.data(tmp_path / "data", batch_size=4, sampler="random",  # 12 steps an epoch
+                     synthetic={**Tiny.synthetic, "num_train_ids": 12, "num_val_ids": 0, "num_test_ids": 2})
     last = LastCheckpoint(every_n_minutes=1e-9)
     saved_at = []
     original = last.save
@@ -115,7 +112,7 @@ def test_last_checkpoint_is_written_at_epoch_ends_and_by_time_and_atomically(tmp
     trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[last],
                          enable_checkpointing=False, default_root_dir=tmp_path, plugins=[AtomicCheckpointIO()])
-    module = TIPRModule(num_classes=data.num_classes, backbone="tiny", image_size=(32, 16), text_length=16)
+    module = Tiny.module(num_classes=data.num_classes)
     trainer.fit(module, datamodule=data)
     assert saved_at == [10, 12, 20, 24]  # clock checks at steps 10 and 20, epoch ends at 12 and 24
     assert renamed[-1] == ("last.ckpt.partial", "last.ckpt") and last.path.is_file()
