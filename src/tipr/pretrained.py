@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from tipr.model.config import SENConfig
+from tipr.model.hub import load_state
 from tipr.model.sen import SENModel
 from tipr.processing import TIPRProcessor
 
@@ -61,12 +62,7 @@ def load_lightning_checkpoint(path: str | Path, map_location: str | torch.device
     config = checkpoint_config(checkpoint, str(path))
     state = {k[len(NETWORK_PREFIX):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(NETWORK_PREFIX)}
     model = SENModel(config)
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{path}: the weights do not fit the network of its config: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
-    model.load_state_dict(state)
+    load_state(model, state, str(path))
     processor_info = checkpoint.get(CHECKPOINT_PROCESSOR_KEY) or {}
     processor = TIPRProcessor.from_payload(
         processor_info.get("tokenizer_files"), config.image_size, config.text_length

@@ -122,15 +122,18 @@ class TIPRProcessor:
     # ------------------------------------------- inside a Lightning checkpoint
     def tokenizer_payload(self) -> dict[str, str] | None:
         """The tokenizer's files as ``{name: text}`` when it is not the shipped one (else None),
-        so a checkpoint can carry the tokenizer a model was trained with."""
-        shipped = load_tokenizer()
-        if self.tokenizer is shipped:
-            return None
-        import tempfile
+        so a checkpoint can carry the tokenizer a model was trained with. Written once, then reused
+        (every checkpoint of a run asks for it)."""
+        if not hasattr(self, "_payload"):
+            self._payload = None
+            if self.tokenizer is not load_tokenizer():
+                import tempfile
 
-        with tempfile.TemporaryDirectory() as tmp:
-            self.tokenizer.save_pretrained(tmp)
-            return {name: (Path(tmp) / name).read_text() for name in TOKENIZER_FILES if (Path(tmp) / name).is_file()}
+                with tempfile.TemporaryDirectory() as tmp:
+                    self.tokenizer.save_pretrained(tmp)
+                    self._payload = {name: (Path(tmp) / name).read_text() for name in TOKENIZER_FILES
+                                     if (Path(tmp) / name).is_file()}
+        return self._payload
 
     @classmethod
     def from_payload(cls, tokenizer_files: dict[str, str] | None, image_size, text_length) -> TIPRProcessor:

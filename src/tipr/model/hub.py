@@ -52,10 +52,15 @@ def pretrained_files(
 
 
 def load_weights(model: nn.Module, path: str | Path, map_location: str | torch.device = "cpu") -> None:
-    """Load a safetensors file into ``model``; every name and shape must match."""
+    """Load a safetensors file into ``model`` (see :func:`load_state`), then move it to ``map_location``."""
     from safetensors.torch import load_file
 
-    state = load_file(str(path), device=str(map_location))
+    load_state(model, load_file(str(path)), str(path))
+    model.to(map_location)
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``model.load_state_dict(state)`` where every name and shape must match; errors name ``source``."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -65,8 +70,7 @@ def load_weights(model: nn.Module, path: str | Path, map_location: str | torch.d
                    f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
                    f"shapes differ for {wrong[:3]}" if wrong else ""]
         raise ValueError(
-            f"{path}: the weights do not fit the network its config describes: "
+            f"{source}: the weights do not fit the network its config describes: "
             + "; ".join(d for d in details if d)
         )
     model.load_state_dict(state, strict=True)
-    model.to(map_location)
