@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from tipr.data import TIPRDataModule
+from tipr.training import TIPRDataModule
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
     next(batches)  # workers started
     count, start = 0, time.perf_counter()
     for _, batch in zip(range(args.batches), batches):
-        count += batch["images"].shape[0]
+        count += batch["pixel_values"].shape[0]
     rate = count / (time.perf_counter() - start)
     print(f"DataLoader: {rate:,.0f} samples/s ({args.workers} workers, batch {args.batch_size}, {count} samples)")
 

@@ -14,7 +14,7 @@ kept and reused), indexes them with ``tipr.search.build_index`` and times:
 The model is the synthetic job's (``experiments/synthetic.yaml``: its backbone,
 image size and text length; random weights, which do not change the speed)
 or a trained one (``--model``: a pretrained folder, a hub id or a ``.ckpt`` file).
-Only the inference API is used (``SENModel`` + ``TIPRProcessor``, no Lightning).
+Only the inference API is used (a ``TIPRModel`` + ``TIPRProcessor``, no Lightning).
 
     python experiments/bench_search.py [--model outputs/.../pretrained] [--images 10000] [--device cuda] [--workers 4]
 """
@@ -32,7 +32,8 @@ import torch
 import yaml
 
 from tipr.data.synthetic import describe, draw_person, sample_person
-from tipr.model import SENModel
+from tipr.methods.sen import SENModel
+from tipr.model import TIPRModel
 from tipr.pretrained import load_pretrained
 from tipr.processing import TIPRProcessor
 from tipr.search import build_index, search
@@ -42,7 +43,7 @@ CONFIG = Path(__file__).with_name("synthetic.yaml")
 
 def load_model(
     source: str | None, backbone: str | None = None, image_size: list[int] | None = None
-) -> tuple[SENModel, TIPRProcessor]:
+) -> tuple[TIPRModel, TIPRProcessor]:
     """A trained model (pretrained folder, hub id or ``.ckpt``), or random weights: the synthetic job's
     backbone, or ``backbone`` (JSON config dict)."""
     if source:
@@ -108,11 +109,11 @@ def main() -> None:
         print(f"{args.images:,} images of {image_size[0]}x{image_size[1]} in {folder} ({time.perf_counter() - start:.1f} s)")
         out = Path(tmp) / "bench.gallery"
         kwargs = {"batch_size": args.batch_size, "num_workers": args.workers, "progress": False}
-        seconds, gallery = timed(lambda: build_index(model, processor, folder, out, **kwargs), device)
+        seconds, (gallery, _) = timed(lambda: build_index(model, processor, folder, out, **kwargs), device)
         print(f"index: {len(gallery) / seconds:,.0f} images/s ({len(gallery):,} images in {seconds:.1f} s, "
               f"batch {args.batch_size}, {args.workers} workers, {device})")
-        seconds, again = timed(lambda: build_index(model, processor, folder, out, **kwargs), device)
-        print(f"index again, nothing changed: {seconds:.2f} s (encoded {len(again.report.encoded)})")
+        seconds, (_, again) = timed(lambda: build_index(model, processor, folder, out, **kwargs), device)
+        print(f"index again, nothing changed: {seconds:.2f} s (encoded {len(again.encoded)})")
 
     gallery = gallery.to(device)
     for q in queries[:3]:  # warm-up

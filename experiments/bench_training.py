@@ -41,7 +41,7 @@ class ThroughputProbe(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.start is not None:
-            self.samples += batch["images"].shape[0]
+            self.samples += batch["pixel_values"].shape[0]
 
     def on_train_end(self, trainer, pl_module):
         if torch.cuda.is_available():
@@ -57,8 +57,8 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
 
     from tipr.cli import TIPRCLI
-    from tipr.data import TIPRDataModule
-    from tipr.model import TIPRModule
+    from tipr.training import TIPRDataModule
+    from tipr.training import TIPRModule
 
     scratch = tempfile.mkdtemp(prefix="tipr-bench-")
     cli_args = ["--trainer.logger=false", "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={scratch}",
@@ -81,7 +81,7 @@ def main() -> None:
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
         device = f"CPU ({torch.get_num_threads()} threads)"
     data = cli.datamodule
-    print(f"device: {device}; precision: {cli.trainer.precision}; batch {data.batch_size}; "
+    print(f"device: {device}; method: {cli.model.network.config.display_name}; precision: {cli.trainer.precision}; batch {data.batch_size}; "
           f"image {tuple(data.image_size)}; backbone {cli.model.hparams.get('backbone')}")
     print(f"{probe.samples / probe.elapsed:.1f} samples/s over {args.steps} steps; peak memory {peak}")
 

@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from tipr.cli import TIPRCLI, format_results_table, main
-from tipr.data import TIPRDataModule
-from tipr.model import TIPRModule
+from tipr.training import TIPRDataModule
+from tipr.training import TIPRModule
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
@@ -72,11 +72,11 @@ def test_sweep_arguments_are_accepted(tmp_path):
     assert sweep["metric"]["name"] == "val/R1"
     assert "${args}" in sweep["command"] and "fit" in sweep["command"]
     args = sweep_arguments(sweep)
-    assert "--model.mask_ratio=0.8" in args
+    assert "--model.method.mask_ratio=0.8" in args
     cli = TIPRCLI(TIPRModule, TIPRDataModule, auto_configure_optimizers=False, run=False,
                   save_config_callback=None, args=[*small_run(tmp_path), *args])
-    hp = cli.model.hparams
-    assert hp.mask_ratio == 0.8 and hp.triplet_weight == 10.0 and hp.restoration_weight == 20.0
+    hp, config = cli.model.hparams, cli.model.network.config
+    assert config.mask_ratio == 0.8 and config.triplet_weight == 10.0 and config.restoration_weight == 20.0
     assert hp.lr == pytest.approx(3.0e-6)
     assert cli.datamodule.prune_prob == 0.3
     # the links: identities, image size and context length come from the data module
@@ -87,10 +87,10 @@ def test_sweep_arguments_are_accepted(tmp_path):
 
 def test_results_table_layout():
     results = {"test/R1": 75.0, "test/R5": 89.98, "test/R10": 94.09, "test/mAP": 67.23, "test/mINP": 51.45}
-    table = format_results_table(results, dataset="CUHK-PEDES")
+    table = format_results_table(results, dataset="CUHK-PEDES", method="SEN")
     assert table.splitlines()[-1] == "| SEN (text-to-image) | 75.00 / 89.98 / 94.09 / 67.23 / 51.45 |"
     with pytest.raises(KeyError, match="R1"):
-        format_results_table({"test/R1": 1.0}, dataset="x")
+        format_results_table({"test/R1": 1.0}, dataset="x", method="IRRA")
 
 
 def run_tipr(args: list[str], timeout: int) -> subprocess.CompletedProcess:

@@ -1,7 +1,6 @@
 """Importing IRRA/SEN reference checkpoints and OpenAI CLIP weights: ``tipr.convert`` and ``tipr convert``."""
 
 import argparse
-import math
 import os
 import re
 import subprocess
@@ -17,11 +16,17 @@ from torch.testing import assert_close
 
 from tipr.commands import main
 from tipr.convert import ConversionReport, convert_openai_clip_state_dict, load_reference_checkpoint, read_state_dict
-from tipr.model import REFERENCE_LOSS_WEIGHTS, SENModel, resize_position_embedding
+from tipr.methods.irra import IRRAConfig, IRRAModel
+from tipr.methods.sen import SENConfig, SENModel
+from tipr.methods.sen.restoration import num_visible_patches
+from tipr.model import TIPRModel, resize_position_embedding
 from tipr.model.backbone import eot_token_id
-from tipr.model.restoration import num_visible_patches
 from tipr.pretrained import load_pretrained
 from tipr.processing import TIPRProcessor
+from openai_reference import (
+    _attention, _layers, _linear, _ln, openai_block, openai_forward, openai_tokens, random_irra_heads,
+    reference_state_dict, to_openai,
+)
 
 IMAGE_SIZE = (32, 16)  # patch 8: a 4 x 2 grid
 CONTEXT = 16
@@ -41,113 +46,18 @@ CONFIG = {
     },
     "projection_dim": 32,
 }
-# IRRA's MLM modules: no tipr counterpart.
-IRRA_HEADS = {
-    "cross_attn.in_proj_weight": (96, 32),
-    "cross_attn.in_proj_bias": (96,),
-    "cross_attn.out_proj.weight": (32, 32),
-    "cross_attn.out_proj.bias": (32,),
-    "mlm_head.fc.weight": (10, 32),
+# Modules beside the backbone that no tipr method claims (an experiment's own heads): the file
+# has no method's heads, so it becomes a SEN model (the default) and these keys stay unused. (IRRA's
+# own heads would make it an IRRA checkpoint: see test_tipr_convert_writes_an_irra_pretrained_folder.)
+EXTRA_HEADS = {
+    "aux_attn.in_proj_weight": (96, 32),
+    "aux_attn.in_proj_bias": (96,),
+    "aux_attn.out_proj.weight": (32, 32),
+    "aux_attn.out_proj.bias": (32,),
+    "aux_head.fc.weight": (10, 32),
 }
-
-
-def to_openai(clip) -> dict[str, torch.Tensor]:
-    """A Hugging Face ``CLIPModel`` in OpenAI's layout, written out by hand (the inverse of the conversion)."""
-    hf = {key: value.detach().clone() for key, value in clip.state_dict().items()}
-    openai = {
-        "visual.conv1.weight": hf["vision_model.embeddings.patch_embedding.weight"],
-        "visual.class_embedding": hf["vision_model.embeddings.class_embedding"],
-        "visual.positional_embedding": hf["vision_model.embeddings.position_embedding.weight"],
-        "visual.ln_pre.weight": hf["vision_model.pre_layrnorm.weight"],
-        "visual.ln_pre.bias": hf["vision_model.pre_layrnorm.bias"],
-        "visual.ln_post.weight": hf["vision_model.post_layernorm.weight"],
-        "visual.ln_post.bias": hf["vision_model.post_layernorm.bias"],
-        "visual.proj": hf["visual_projection.weight"].t().contiguous(),  # used as x @ proj
-        "token_embedding.weight": hf["text_model.embeddings.token_embedding.weight"],
-        "positional_embedding": hf["text_model.embeddings.position_embedding.weight"],
-        "ln_final.weight": hf["text_model.final_layer_norm.weight"],
-        "ln_final.bias": hf["text_model.final_layer_norm.bias"],
-        "text_projection": hf["text_projection.weight"].t().contiguous(),
-        "logit_scale": hf["logit_scale"],
-    }
-    towers = (
-        ("visual.transformer", "vision_model.encoder", clip.config.vision_config.num_hidden_layers),
-        ("transformer", "text_model.encoder", clip.config.text_config.num_hidden_layers),
-    )
-    for ours, theirs, layers in towers:
-        for i in range(layers):
-            a, b = f"{ours}.resblocks.{i}.", f"{theirs}.layers.{i}."
-            for kind in ("weight", "bias"):
-                openai[f"{a}attn.in_proj_{kind}"] = torch.cat([hf[f"{b}self_attn.{x}_proj.{kind}"] for x in "qkv"])
-                for old, new in (
-                    ("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("mlp.c_fc", "mlp.fc1"),
-                    ("mlp.c_proj", "mlp.fc2"), ("ln_2", "layer_norm2"),
-                ):
-                    openai[f"{a}{old}.{kind}"] = hf[f"{b}{new}.{kind}"]
-    return openai
-
-
-def _ln(w, x, name):
-    return F.layer_norm(x, x.shape[-1:], w[f"{name}.weight"], w[f"{name}.bias"], eps=1e-5)
-
-
-def _linear(w, x, name):
-    return x @ w[f"{name}.weight"].t() + w[f"{name}.bias"]
-
-
-def _attention(q, k, v, heads):
-    """Scaled dot-product attention of (B, Nq, W) queries over (B, Nk, W) keys/values, ``heads`` heads."""
-    b, nq, width = q.shape
-    q, k, v = (t.reshape(b, t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, h, N, d)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-    return scores, v, (b, nq, width)
-
-
-def openai_block(w, x, name, causal=False):
-    """An OpenAI CLIP ResidualAttentionBlock: width // 64 heads, QuickGELU, LayerNorm eps 1e-5."""
-    n = x.shape[1]
-    qkv = _ln(w, x, f"{name}.ln_1") @ w[f"{name}.attn.in_proj_weight"].t() + w[f"{name}.attn.in_proj_bias"]
-    scores, v, shape = _attention(*qkv.chunk(3, dim=-1), heads=x.shape[-1] // 64)
-    if causal:
-        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
-    attended = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(shape)
-    x = x + _linear(w, attended, f"{name}.attn.out_proj")
-    hidden = _linear(w, _ln(w, x, f"{name}.ln_2"), f"{name}.mlp.c_fc")
-    return x + _linear(w, hidden * torch.sigmoid(1.702 * hidden), f"{name}.mlp.c_proj")  # QuickGELU
-
-
-def _layers(w, prefix):
-    return sum(key.startswith(prefix) and key.endswith(".attn.in_proj_weight") for key in w)
-
-
-def openai_tokens(weights, images, token_ids, ids_keep=None):
-    """OpenAI CLIP (IRRA's ``base_model``) on its own tensors: image tokens (B, 1 + K, E) after
-    ``ln_post`` and ``proj`` (only the patches ``ids_keep``, CLS always, when given) and text tokens
-    (B, L, E) after ``ln_final`` and ``text_projection``."""
-    w = {key: value.float() for key, value in weights.items()}
-    patch = w["visual.conv1.weight"].shape[-1]
-    x = F.conv2d(images, w["visual.conv1.weight"], stride=patch).flatten(2).transpose(1, 2)  # (B, N, W)
-    x = torch.cat([w["visual.class_embedding"].expand(x.shape[0], 1, -1), x], dim=1)
-    x = x + w["visual.positional_embedding"]
-    if ids_keep is not None:
-        kept = torch.gather(x[:, 1:], 1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))
-        x = torch.cat([x[:, :1], kept], dim=1)
-    x = _ln(w, x, "visual.ln_pre")
-    for i in range(_layers(w, "visual.transformer.resblocks.")):
-        x = openai_block(w, x, f"visual.transformer.resblocks.{i}")
-    image = _ln(w, x, "visual.ln_post") @ w["visual.proj"]
-
-    t = w["token_embedding.weight"][token_ids] + w["positional_embedding"][: token_ids.shape[1]]
-    for i in range(_layers(w, "transformer.resblocks.")):
-        t = openai_block(w, t, f"transformer.resblocks.{i}", causal=True)
-    text = _ln(w, t, "ln_final") @ w["text_projection"]
-    return image, text
-
-
-def openai_forward(weights: dict[str, torch.Tensor], images: torch.Tensor, token_ids: torch.Tensor):
-    """OpenAI CLIP's forward on its own tensors: image features (B, E) and text features (B, E)."""
-    image, text = openai_tokens(weights, images, token_ids)
-    return image[:, 0], text[torch.arange(text.shape[0]), token_ids.argmax(dim=-1)]  # argmax: end-of-text
+#: SEN's defaults: the reference run's loss weights.
+REFERENCE_LOSS_WEIGHTS = {"sdm": 1.0, "id": 1.0, "triplet": 10.0, "restoration": 10.0, "itc": 0.0}
 
 
 def inputs():
@@ -181,7 +91,8 @@ def assert_same_weights(ours: nn.Module, theirs: nn.Module, fresh: str | None = 
 def source():
     torch.manual_seed(0)
     network = SENModel.from_backbone(
-        CONFIG, NUM_CLASSES, image_size=IMAGE_SIZE, text_length=CONTEXT, loss_weights={"sdm": 1.0, "id": 1.0}
+        CONFIG, NUM_CLASSES, config=SENConfig(triplet_weight=0.0, restoration_weight=0.0), image_size=IMAGE_SIZE,
+        text_length=CONTEXT,
     )
     with torch.no_grad():
         for param in network.parameters():  # no tensor keeps an init (ones, zeros) that would hide a swap
@@ -196,11 +107,12 @@ def openai_weights(source):
 
 @pytest.fixture(scope="module")
 def reference_ckpt(source, openai_weights, tmp_path_factory):
-    """An IRRA-style ``best.pth``: CLIP under ``base_model.`` (no logit_scale, as IRRA), classifier, MLM heads."""
+    """An authors'-layout ``best.pth`` without a method's heads: CLIP under ``base_model.`` (no logit_scale,
+    as IRRA), classifier, modules no method claims."""
     model = {"base_model." + key: value for key, value in openai_weights.items() if key != "logit_scale"}
     model["classifier.weight"] = source.classifier.weight.detach().clone()
     model["classifier.bias"] = source.classifier.bias.detach().clone()
-    model.update({key: torch.randn(shape) for key, shape in IRRA_HEADS.items()})
+    model.update({key: torch.randn(shape) for key, shape in EXTRA_HEADS.items()})
     path = tmp_path_factory.mktemp("reference") / "best.pth"
     optimizer = {"state": {}, "param_groups": [{"lr": 1e-5, "params": [0, 1]}]}
     torch.save({"model": model, "optimizer": optimizer, "num_epoch": 60, "iteration": 0, "epoch": 37}, path)
@@ -257,32 +169,36 @@ def test_config_classifier_and_report(source, converted):
         64, 256, 3, 1,
     )
     assert (text.max_position_embeddings, text.vocab_size, config.projection_dim) == (CONTEXT, 49408, 32)
-    assert (model.config.num_classes, model.config.text_length, model.config.image_size) == (
-        NUM_CLASSES, CONTEXT, IMAGE_SIZE,
-    )
+    encoder = model.encoder_config
+    assert (encoder.num_classes, encoder.text_length, encoder.image_size) == (NUM_CLASSES, CONTEXT, IMAGE_SIZE)
+    assert model.config == SENConfig()  # no TIR in the source: SEN's defaults
     assert model.config.loss_weights == REFERENCE_LOSS_WEIGHTS and model.config.restoration_depth == 4
     assert torch.equal(model.classifier.weight, source.classifier.weight)
     assert torch.equal(model.classifier.bias, source.classifier.bias)
 
-    assert report.layout == "IRRA/SEN checkpoint, CLIP under 'base_model.'"
+    assert report.layout == "checkpoint with CLIP under 'base_model.' (as SEN)"  # no method's heads in it
     assert report.reinitialised == {"restoration": "TIR head: no counterpart in the source"}
-    assert report.unused == sorted(IRRA_HEADS)
+    assert report.unused == sorted(EXTRA_HEADS)
     assert report.notes == []
     printed = str(report)
     assert "loaded: CLIP backbone (" in printed and "ID classifier (5 classes)" in printed
     assert "re-initialised: restoration (TIR head: no counterpart in the source)" in printed
-    assert "unused source keys (5): cross_attn.* (4), mlm_head.fc.weight" in printed
+    assert "unused source keys (5): aux_attn.* (4), aux_head.fc.weight" in printed
 
 
 def test_classifier_of_another_size_is_reinitialised(reference_ckpt):
     weights = {**REFERENCE_LOSS_WEIGHTS, "restoration": 0.0}
     model, report = load_reference_checkpoint(
-        reference_ckpt, image_size=IMAGE_SIZE, num_classes=7, loss_weights=weights
+        reference_ckpt, image_size=IMAGE_SIZE, num_classes=7, restoration_weight=0.0
     )
-    assert report.reinitialised == {"classifier": "ID classifier: the source's has 5 classes, num_classes is 7"}
-    assert model.classifier.out_features == 7 and model.restoration is None
-    assert model.config.loss_weights == weights
-    assert report.unused == sorted([*IRRA_HEADS, "classifier.weight", "classifier.bias"])
+    # A weight of 0 skips the loss; the TIR head is SEN's and stays (fresh: the source has none).
+    assert report.reinitialised == {
+        "classifier": "ID classifier: the source's has 5 classes, num_classes is 7",
+        "restoration": "TIR head: no counterpart in the source",
+    }
+    assert model.classifier.out_features == 7 and model.restoration is not None
+    assert model.config.loss_weights == weights and model.encoder_config.num_classes == 7
+    assert report.unused == sorted([*EXTRA_HEADS, "classifier.weight", "classifier.bias"])
     with pytest.raises(TypeError, match=r"unknown setting\(s\) \['tir_depth'\]"):
         load_reference_checkpoint(reference_ckpt, image_size=IMAGE_SIZE, tir_depth=2)
 
@@ -298,7 +214,7 @@ def test_plain_openai_state_dict_with_a_square_position_table(tmp_path, openai_w
         load_reference_checkpoint(path, image_size=IMAGE_SIZE)
 
     model, report = load_reference_checkpoint(path, image_size=IMAGE_SIZE, num_classes=3)
-    assert report.layout == "OpenAI CLIP state dict"
+    assert report.layout == "OpenAI CLIP state dict (as SEN)"
     assert report.notes == ["vision position table resized (bilinear) from the square 4x4 grid to 4x2"]
     assert set(report.reinitialised) == {"classifier", "restoration"}
     assert report.reinitialised["classifier"] == "ID classifier: the source has none; 3 classes"
@@ -345,7 +261,7 @@ def test_ddp_prefixed_and_torchscript_sources(tmp_path, openai_weights, converte
     archive = tmp_path / "ViT-tiny.pt"  # OpenAI's published files are TorchScript archives
     torch.jit.script(_module_tree(openai_weights)).save(str(archive))
     model, report = load_reference_checkpoint(archive, image_size=IMAGE_SIZE, num_classes=NUM_CLASSES)
-    assert report.layout == "OpenAI CLIP state dict" and report.unused == []
+    assert report.layout == "OpenAI CLIP state dict (as SEN)" and report.unused == []
     expected = converted[0].clip.state_dict()
     for key, value in model.clip.state_dict().items():
         assert torch.equal(value, openai_weights["logit_scale"] if key == "logit_scale" else expected[key]), key
@@ -405,13 +321,14 @@ def test_tipr_convert_writes_a_pretrained_folder(tmp_path, reference_ckpt, conve
     out = tmp_path / "irra"
     assert main(["convert", "--checkpoint", str(reference_ckpt), "--out", str(out), "--image_size", "[32, 16]"]) == 0
     printed = capsys.readouterr().out
-    assert f"converted {reference_ckpt} (IRRA/SEN checkpoint" in printed
-    assert "re-initialised: restoration (TIR head" in printed and "cross_attn.* (4)" in printed
-    assert f"wrote {out} (SENModel.from_pretrained" in printed
+    assert f"converted {reference_ckpt} (checkpoint with CLIP under" in printed
+    assert "re-initialised: restoration (TIR head" in printed and "aux_attn.* (4)" in printed
+    assert f"wrote {out}: SENModel (TIPRModel.from_pretrained" in printed
     assert "note: the model's vocabulary" not in printed  # OpenAI's 49,408 ids: the shipped tokenizer's
 
     model, processor = SENModel.from_pretrained(out), TIPRProcessor.from_pretrained(out)
-    assert model.config == converted[0].config and model.config.clip["model_type"] == "clip"
+    assert model.config == converted[0].config and model.encoder_config == converted[0].encoder_config
+    assert model.encoder_config.clip["model_type"] == "clip"
     assert_same_weights(model, converted[0], fresh="restoration.")  # IRRA has no TIR head
     assert (processor.image_size, processor.text_length) == (IMAGE_SIZE, CONTEXT)
     images, token_ids = inputs()
@@ -425,7 +342,8 @@ def test_tipr_convert_writes_a_pretrained_folder(tmp_path, reference_ckpt, conve
     config.write_text(f"checkpoint: {reference_ckpt}\nout: {out}\nimage_size: [32, 16]\ntext_length: 12\n")
     assert main(["convert", "--config", str(config)]) == 0
     capsys.readouterr()
-    assert SENModel.from_pretrained(out).config.text_length == TIPRProcessor.from_pretrained(out).text_length == 12
+    rewritten = SENModel.from_pretrained(out)
+    assert rewritten.encoder_config.text_length == TIPRProcessor.from_pretrained(out).text_length == 12
 
 
 def test_tipr_convert_names_the_option_at_fault(tmp_path, reference_ckpt, capsys):
@@ -624,8 +542,8 @@ def sen_reference_losses(model, images, token_ids, pids, noise, num_visible, tem
 def sen_source():
     torch.manual_seed(4)
     network = SENModel.from_backbone(
-        SEN_CONFIG, NUM_CLASSES, image_size=IMAGE_SIZE, text_length=CONTEXT, restoration_depth=SEN_DEPTH,
-        restoration_text_padding_mask=False,
+        SEN_CONFIG, NUM_CLASSES, config=SENConfig(restoration_depth=SEN_DEPTH, restoration_text_padding_mask=False),
+        image_size=IMAGE_SIZE, text_length=CONTEXT,
     )
     with torch.no_grad():
         for param in network.parameters():  # no tensor keeps an init (ones, zeros) that would hide a swap
@@ -636,10 +554,11 @@ def sen_source():
 @pytest.fixture(scope="module")
 def sen_ckpt(sen_source, tmp_path_factory):
     """A SEN ``best.pth`` with every head: backbone, classifier, TIR and the modules SEN never calls."""
-    model = {"base_model." + key: value for key, value in to_openai(sen_source.clip).items() if key != "logit_scale"}
-    model["classifier.weight"] = sen_source.classifier.weight.detach().clone()
-    model["classifier.bias"] = sen_source.classifier.bias.detach().clone()
-    model.update(to_sen_tir(sen_source.restoration, sen_source.embeddings.grid_size))
+    model = reference_state_dict(sen_source.clip, {
+        "classifier.weight": sen_source.classifier.weight.detach().clone(),
+        "classifier.bias": sen_source.classifier.bias.detach().clone(),
+        **to_sen_tir(sen_source.restoration, sen_source.embeddings.grid_size),
+    })
     g = torch.Generator().manual_seed(5)
     model.update({key: torch.randn(shape, generator=g) for key, shape in SEN_UNUSED.items()})
     path = tmp_path_factory.mktemp("sen") / "best.pth"
@@ -721,6 +640,7 @@ def test_sen_conversion_reloads_and_reinitialises_what_does_not_fit(tmp_path, se
     assert "note: the model's vocabulary has 1000 ids, the CLIP tokenizer written with it 49408" in printed
     reloaded = SENModel.from_pretrained(out)  # the fixed table is rebuilt, not stored
     assert reloaded.config == sen_converted[0].config
+    assert reloaded.encoder_config == sen_converted[0].encoder_config
     assert_same_weights(reloaded, sen_converted[0])
     assert torch.equal(reloaded.restoration.pos_embed, sen_converted[0].restoration.pos_embed)
     assert TIPRProcessor.from_pretrained(out).text_length == CONTEXT
@@ -757,3 +677,74 @@ def test_sen_conversion_reloads_and_reinitialises_what_does_not_fit(tmp_path, se
         "TIR head: the source's decoder_pos_embed is not the fixed sine-cosine table of the 4x2 grid "
         "(max abs difference"
     )
+
+
+# ------------------------------------------------ IRRA, through tipr convert
+IRRA_DEPTH = 2  # not IRRAConfig's default (4): the depth is read off the file
+
+
+@pytest.fixture(scope="module")
+def irra_ckpt(sen_source, tmp_path_factory):
+    """An IRRA ``best.pth``: a CLIP (``sen_source``'s: vocabulary 1000, projection 128) under ``base_model.``,
+    the ID classifier and IRRA's MLM modules, every head tensor random."""
+    heads = random_irra_heads(torch.Generator().manual_seed(6), 128, SEN_VOCAB, NUM_CLASSES, IRRA_DEPTH)
+    path = tmp_path_factory.mktemp("irra") / "best.pth"
+    torch.save({"model": reference_state_dict(sen_source.clip, heads), "epoch": 60}, path)
+    return path
+
+
+def test_tipr_convert_writes_an_irra_pretrained_folder(tmp_path, irra_ckpt, sen_source, capsys):
+    out = tmp_path / "irra"
+    assert main(["convert", "--checkpoint", str(irra_ckpt), "--out", str(out), "--image_size", "[32, 16]"]) == 0
+    printed = capsys.readouterr().out
+    assert f"converted {irra_ckpt} (IRRA checkpoint, CLIP under 'base_model.')" in printed
+    assert f"cross-modal MLM head (cross_attn, {IRRA_DEPTH} blocks" in printed
+    assert "ID classifier (5 classes)" in printed
+    assert "re-initialised" not in printed and "unused source keys (0): none" in printed
+    assert "note: the model's vocabulary has 1000 ids, the CLIP tokenizer written with it 49408" in printed
+    assert f"wrote {out}: IRRAModel (" in printed
+
+    model = TIPRModel.from_pretrained(out)  # the folder's config names the method
+    assert type(model) is IRRAModel and model.config == IRRAConfig(cross_modal_depth=IRRA_DEPTH)
+    encoder = model.encoder_config
+    assert (encoder.num_classes, encoder.text_length, encoder.image_size) == (NUM_CLASSES, CONTEXT, IMAGE_SIZE)
+    assert (model.vocab_size, model.mask_token_id, model.eot_token_id) == (SEN_VOCAB, SEN_VOCAB - 3, SEN_EOT)
+    # The folder holds what load_reference_checkpoint gives: the file's heads under tipr's names.
+    converted, _ = load_reference_checkpoint(irra_ckpt, image_size=IMAGE_SIZE)
+    assert model.encoder_config == converted.encoder_config
+    assert_same_weights(model, converted)
+    source = torch.load(irra_ckpt, weights_only=True)["model"]
+    ours = model.state_dict()
+    for name, theirs in (
+        ("classifier.weight", "classifier.weight"), ("cross_attn.in_proj_weight", "cross_attn.in_proj_weight"),
+        ("ln_pre_i.bias", "ln_pre_i.bias"), ("mlm_head.fc.weight", "mlm_head.fc.weight"),
+        ("cross_modal_transformer.1.attn.qkv.weight", "cross_modal_transformer.resblocks.1.attn.in_proj_weight"),
+        ("cross_modal_transformer.1.mlp.fc2.bias", "cross_modal_transformer.resblocks.1.mlp.c_proj.bias"),
+    ):
+        assert torch.equal(ours[name], source[theirs]), name
+    # The backbone gives the embeddings of the network whose CLIP the file holds.
+    images, token_ids, pids, _ = sen_inputs()
+    for got, expected in zip(encode(model, images, token_ids), encode(sen_source, images, token_ids)):
+        assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # The reloaded network trains as the converted one: the same losses, every term live.
+    mlm_input_ids, mlm_labels = token_ids.clone(), torch.zeros_like(token_ids)
+    for row, col in ((0, 2), (2, 4), (2, 9), (3, 3)):
+        mlm_input_ids[row, col], mlm_labels[row, col] = SEN_VOCAB - 3, token_ids[row, col]
+    batch = {"pixel_values": images, "input_ids": token_ids, "pids": pids, "mlm_input_ids": mlm_input_ids,
+             "mlm_labels": mlm_labels}
+    with torch.no_grad():
+        before, after = converted.eval()(**batch), model(**batch)
+    assert sorted(after) == sorted(before) == ["id", "loss", "mlm", "sdm"]
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+
+    loaded, processor = load_pretrained(out)
+    assert type(loaded) is IRRAModel and (processor.image_size, processor.text_length) == (IMAGE_SIZE, CONTEXT)
+    assert_same_weights(loaded, model)
+    with pytest.raises(ValueError, match=r"is an irra model \(IRRAModel\), not a SENModel"):
+        SENModel.from_pretrained(out)
+    # SEN builds on IRRA: its CLIP and classifier carry over, its TIR head starts fresh.
+    sen, report = load_reference_checkpoint(irra_ckpt, image_size=IMAGE_SIZE, method="sen")
+    assert type(sen) is SENModel and set(report.reinitialised) == {"restoration"}
+    assert torch.equal(sen.clip.text_projection.weight, model.clip.text_projection.weight)
+    assert any(key.startswith("mlm_head.") for key in report.unused)

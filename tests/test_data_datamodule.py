@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tipr.data.token_cache as token_cache
-from tipr.data import TIPRDataModule
+from tipr.training import TIPRDataModule
 from tipr.data.datasets import GalleryImages, read_image
 from tipr.data.pruning import prune_captions
 from tipr.data.samplers import IdentitySampler, PackedIdentitySampler, RandomOrderSampler
@@ -45,14 +45,14 @@ def test_train_batches_shapes_labels_and_tokens(root):
     assert loader.batch_size == 8 and loader.drop_last and 1 <= len(loader) == loader.sampler.num_batches <= 24 // 8
     used = {"full": 0, "pruned": 0}
     for batch in loader:
-        assert sorted(batch) == ["images", "index", "pids", "token_ids"]
-        assert batch["images"].shape == (8, 3, 48, 16) and batch["images"].dtype == torch.float32
-        assert batch["token_ids"].shape == (8, 40) and batch["token_ids"].dtype == torch.int64
+        assert sorted(batch) == ["index", "input_ids", "pids", "pixel_values"]
+        assert batch["pixel_values"].shape == (8, 3, 48, 16) and batch["pixel_values"].dtype == torch.float32
+        assert batch["input_ids"].shape == (8, 40) and batch["input_ids"].dtype == torch.int64
         assert batch["pids"].dtype == torch.int64 and batch["index"].dtype == torch.int64
         lo = (0 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
         hi = (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
-        assert (batch["images"] >= lo[:, None, None] - 1e-5).all() and (batch["images"] <= hi[:, None, None] + 1e-5).all()
-        for i, tokens, pid in zip(batch["index"].tolist(), batch["token_ids"], batch["pids"].tolist()):
+        assert (batch["pixel_values"] >= lo[:, None, None] - 1e-5).all() and (batch["pixel_values"] <= hi[:, None, None] + 1e-5).all()
+        for i, tokens, pid in zip(batch["index"].tolist(), batch["input_ids"], batch["pids"].tolist()):
             # Label = contiguous label of the caption's image; tokens = its caption, full or pruned.
             assert pid == dm.benchmark.train_labels[train.caption_images[i]]
             if torch.equal(tokens, full[i]):
@@ -72,7 +72,7 @@ def test_prune_prob_zero_and_one(root):
         texts = prune_captions(train.captions) if captions else list(train.captions)
         expected = tokenize(texts, context_length=40)
         batch = next(iter(dm.train_dataloader()))
-        assert torch.equal(batch["token_ids"], expected[batch["index"]])
+        assert torch.equal(batch["input_ids"], expected[batch["index"]])
 
 
 def test_random_sampler_and_one_worker(root):
@@ -132,15 +132,15 @@ def test_eval_sets_are_exactly_the_split(root):
         assert isinstance(loaders, list) and len(loaders) == 2
         queries, gallery = loaders
         q = list(queries)
-        assert sorted(q[0]) == ["index", "pids", "token_ids"]
+        assert sorted(q[0]) == ["index", "input_ids", "pids"]
         assert torch.cat([x["index"] for x in q]).tolist() == list(range(split.num_captions))
         assert torch.cat([x["pids"] for x in q]).tolist() == split.caption_pids.tolist()  # the benchmark's own ids
-        assert torch.equal(torch.cat([x["token_ids"] for x in q]), tokenize(split.captions, context_length=40))
+        assert torch.equal(torch.cat([x["input_ids"] for x in q]), tokenize(split.captions, context_length=40))
         g = list(gallery)
-        assert sorted(g[0]) == ["images", "index", "pids"]
+        assert sorted(g[0]) == ["index", "pids", "pixel_values"]
         assert torch.cat([x["index"] for x in g]).tolist() == list(range(split.num_images))
         assert torch.cat([x["pids"] for x in g]).tolist() == split.image_pids.tolist()
-        assert g[0]["images"].shape[1:] == (3, 48, 16) and g[0]["images"].dtype == torch.float32
+        assert g[0]["pixel_values"].shape[1:] == (3, 48, 16) and g[0]["pixel_values"].dtype == torch.float32
     assert set(b.split("val").image_pids.tolist()).isdisjoint(b.split("test").image_pids.tolist())
 
 
@@ -276,20 +276,20 @@ def test_sample_draws_depend_on_the_plan_position_only_and_a_resumed_epoch_conti
     assert len(plain) == 3
     for other in (batches(2), batches(0)):
         for a, b in zip(plain, other, strict=True):
-            assert torch.equal(a["index"], b["index"]) and torch.equal(a["images"], b["images"])
-            assert torch.equal(a["token_ids"], b["token_ids"])
+            assert torch.equal(a["index"], b["index"]) and torch.equal(a["pixel_values"], b["pixel_values"])
+            assert torch.equal(a["input_ids"], b["input_ids"])
     # Augmentation is really on: the images are not the plain resized crops.
     dm = make(root)
     dm.setup("fit")
     plain_transform = build_eval_transform((48, 16))
     unaugmented = torch.stack([plain_transform(dm.train_set.images.load(int(dm.train_set.caption_images[i])))
                                for i in plain[0]["index"]])
-    assert not torch.allclose(unaugmented, plain[0]["images"])
+    assert not torch.allclose(unaugmented, plain[0]["pixel_values"])
     # Resumed after one trained batch of epoch 3: exactly the uninterrupted batches 2 and 3.
     resumed = batches(0, state={"epoch": 3, "batches_done": 1})
     assert len(resumed) == 2
     for a, b in zip(plain[1:], resumed, strict=True):
-        assert torch.equal(a["images"], b["images"]) and torch.equal(a["token_ids"], b["token_ids"])
+        assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["input_ids"], b["input_ids"])
     # The saved state names the epoch; without a trainer no batch counts as done.
     dm = make(root)
     dm.setup("fit")
@@ -298,51 +298,78 @@ def test_sample_draws_depend_on_the_plan_position_only_and_a_resumed_epoch_conti
     assert loader.state_dict() == {"epoch": 5, "batches_done": 0}
 
 
-RACE = """
+TOKEN_CACHE_WORKER = """
 import json, sys, time
-import tipr.data.token_cache as token_cache
-from tipr.data import TIPRDataModule
+from pathlib import Path
 
-calls = []
-real = token_cache.prune_captions
-def slow_prune(captions):
-    calls.append(1)
-    time.sleep(1.0)  # widen the window in which the other process could start computing too
-    return real(captions)
-token_cache.prune_captions = slow_prune
-dm = TIPRDataModule(dataset="synthetic", root=sys.argv[1], image_size=(48, 16), batch_size=8, num_workers=0,
-                    text_length=33, synthetic=dict(num_train_ids=6, num_val_ids=2, num_test_ids=3, images_per_id=2,
-                                                   captions_per_image=2, image_size=(64, 32)))
-dm.benchmark  # read the data first, so both processes reach the cache together
-start = sys.argv[2]
-while time.time() < float(start):
-    time.sleep(0.01)
-tokens = dm.caption_tokens()
-print(json.dumps({"computed": len(calls), "sum": int(sum(t.long().sum() for e in tokens.values() for t in e.values()))}))
+import filelock
+import torch
+
+import tipr.data.token_cache as token_cache
+from tipr.data.benchmarks import read_benchmark_folder
+
+root, me = Path(sys.argv[1]), sys.argv[2]
+barrier = root / "barrier"
+benchmark = read_benchmark_folder(root / "synthetic", "CUHK-PEDES")
+
+computed = []
+real_prune = token_cache.prune_captions
+def counting_prune(captions):  # called once per computation of the tables (train captions)
+    computed.append(1)
+    return real_prune(captions)
+token_cache.prune_captions = counting_prune
+
+class BarrierLock(filelock.FileLock):
+    # Before racing for the lock, each worker touches barrier/<me> and waits until both files exist:
+    # both have then looked for the cache and found none, so only the lock keeps one from computing.
+    def acquire(self, *args, **kwargs):
+        (barrier / me).touch()
+        deadline = time.monotonic() + 120
+        while len(list(barrier.iterdir())) < 2:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker {me}: the other worker never reached the lock")
+            time.sleep(0.005)
+        return super().acquire(*args, **kwargs)
+token_cache.FileLock = BarrierLock
+
+tokens = token_cache.caption_tokens(benchmark, None, 33, root / "cache")
+torch.save(tokens, root / f"tokens-of-worker-{me}.pt")
+print(json.dumps({"computed": len(computed)}))
 """
 
 
-def test_two_processes_starting_together_write_the_token_cache_once(root):
-    """Two runs on one data folder (text_length 33: a cache nobody wrote yet): one computes, the other
-    waits for it and reads the same tokens; one cache file, no temporary left."""
+def test_two_processes_starting_together_write_the_token_cache_once(tmp_path):
+    """Two runs on one data folder, neither finding a cache: a file barrier holds both at the lock until both
+    have looked for the cache and found none. One computes the tables, the other waits on the lock and reads
+    what it wrote: the same tokens as computing them here; one cache file, no partial file left."""
     import json
     import subprocess
     import sys
-    import time
 
-    start = str(time.time() + 4.0)
-    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(root), start], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    from tipr.data.benchmarks import read_benchmark_folder
+
+    config = SyntheticConfig(**Tiny.synthetic)
+    generate_synthetic(tmp_path / "synthetic", config)
+    (tmp_path / "barrier").mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", TOKEN_CACHE_WORKER, str(tmp_path), str(me)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for me in range(2)]
     results = []
     for proc in procs:
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, err[-3000:]
         results.append(json.loads(out.strip().splitlines()[-1]))
+    assert sorted(p.name for p in (tmp_path / "barrier").iterdir()) == ["0", "1"]  # both went through the barrier
     assert sorted(r["computed"] for r in results) == [0, 1]
-    assert results[0]["sum"] == results[1]["sum"]
-    cache = root / "synthetic" / ".tipr_cache"
-    assert len(list(cache.glob("tokens-*.pt"))) == 2  # the module fixture's (text_length 40) and this one
-    assert not list(cache.glob("*.tmp"))
+    benchmark = read_benchmark_folder(tmp_path / "synthetic", config.format)
+    expected = token_cache.compute_tokens(benchmark, None, 33)
+    for me in range(2):
+        got = torch.load(tmp_path / f"tokens-of-worker-{me}.pt", weights_only=True)
+        assert {name: sorted(entry) for name, entry in got.items()} == {"train": ["pruned", "tokens"], "val": ["tokens"],
+                                                                       "test": ["tokens"]}
+        assert all(torch.equal(got[name][kind], expected[name][kind]) for name in expected for kind in expected[name])
+    key = token_cache.cache_key(benchmark, None, 33)
+    left = sorted(p.name for p in (tmp_path / "cache").iterdir() if p.name != f"tokens-{key[:20]}.pt.lock")
+    assert left == [f"tokens-{key[:20]}.pt"]  # no partial file beside it
 
 
 def test_a_cache_of_another_layout_or_version_is_rebuilt_not_misread(tmp_path, monkeypatch):

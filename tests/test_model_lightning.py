@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tipr.model import TIPRModule
-from tipr.model.training import warmup_cosine_factor
+from tipr.training import TIPRModule
+from tipr.training.recipe import warmup_cosine_factor
 from tipr.tokenization import tokenize
 from tiny import Tiny
 
@@ -26,23 +26,23 @@ class ToyPairs(Dataset):
         self.pids = torch.arange(n) % 4
         palette = torch.tensor([[1.5, -1.0, -1.0], [-1.0, -1.0, 1.5], [-1.0, 1.5, -1.0], [-1.5, -1.5, -1.5]])
         self.images = palette[self.pids].view(n, 3, 1, 1) + 0.3 * torch.randn(n, 3, *IMAGE_SIZE, generator=g)
-        self.token_ids = tokenize([f"a person dressed in {COLOURS[p]}" for p in self.pids], context_length=TEXT_LENGTH)
+        self.input_ids = tokenize([f"a person dressed in {COLOURS[p]}" for p in self.pids], context_length=TEXT_LENGTH)
 
     def __len__(self):
         return len(self.pids)
 
     def __getitem__(self, i):
-        return {"images": self.images[i], "token_ids": self.token_ids[i], "pids": self.pids[i], "index": i}
+        return {"pixel_values": self.images[i], "input_ids": self.input_ids[i], "pids": self.pids[i], "index": i}
 
 
 class Queries(ToyPairs):
     def __getitem__(self, i):
-        return {"token_ids": self.token_ids[i], "pids": self.pids[i], "index": i}
+        return {"input_ids": self.input_ids[i], "pids": self.pids[i], "index": i}
 
 
 class Gallery(ToyPairs):
     def __getitem__(self, i):
-        return {"images": self.images[i], "pids": self.pids[i], "index": i}
+        return {"pixel_values": self.images[i], "pids": self.pids[i], "index": i}
 
 
 class ToyData(pl.LightningDataModule):
@@ -117,7 +117,20 @@ def test_parameter_groups_follow_the_recipe():
     assert {"restoration.pixel_head.weight", "restoration.mask_token", "classifier.weight"} <= wider_names
     with pytest.raises(ValueError, match="'restoraton.cross_attn'"):
         _module(boosted_modules=["restoraton.cross_attn"])
-    _module(restoration_weight=0.0)  # the reference boosted set still fits when the TIR head is off
+    _module(restoration_weight=0.0)  # the TIR head exists (its loss is off): the reference set still fits
+
+
+def test_irra_parameter_groups_follow_its_reference_rules():
+    """'cross' 5x, then every bias 2x without decay, then classifier and mlm_head 5x (their biases
+    without decay): the layer norms ln_pre_t/ln_pre_i/ln_post stay at the base rate."""
+    module = _module(lr=1e-5, method="irra")
+    names = {id(p): n for n, p in module.network.named_parameters()}
+    members = {g["name"]: {names[id(p)] for p in g["params"]} for g in module.parameter_groups()}
+    assert {"cross_attn.in_proj_weight", "cross_modal_transformer.0.attn.qkv.weight", "classifier.weight",
+            "mlm_head.dense.weight", "mlm_head.ln.weight", "mlm_head.fc.weight"} <= members["boosted"]
+    assert {"cross_attn.in_proj_bias", "cross_modal_transformer.1.mlp.fc2.bias", "ln_post.bias"} <= members["bias"]
+    assert members["boosted_bias"] == {"classifier.bias", "mlm_head.dense.bias", "mlm_head.ln.bias", "mlm_head.fc.bias"}
+    assert {"ln_pre_t.weight", "ln_pre_i.weight", "ln_post.weight"} <= members["base"]
 
 
 def test_training_steps_per_iteration_schedule_and_validation_metrics(tmp_path):
@@ -150,7 +163,7 @@ def test_validation_metrics_equal_a_direct_ranking(tmp_path):
     trainer.validate(module, datamodule=ToyData(), verbose=False)
     results = {name: float(value) for name, value in trainer.callback_metrics.items()}
     queries, gallery = Queries(8, seed=1), Gallery(8, seed=1)
-    text = module.network.encode_text(queries.token_ids).detach()
+    text = module.network.encode_text(queries.input_ids).detach()
     image = module.network.encode_image(gallery.images).detach()
     sim = module.network.similarity(text, image)
     r1 = 100 * sum(float(queries.pids[i] == gallery.pids[sim[i].argmax()]) for i in range(8)) / 8
@@ -168,20 +181,21 @@ def test_checkpoint_round_trip_needs_neither_weights_nor_network(tmp_path):
     torch.manual_seed(1)
     build_clip("tiny", text_length=TEXT_LENGTH).save_pretrained(tmp_path / "clip")
     module = _module(backbone=str(tmp_path / "clip"), mask_ratio=0.6, restoration_weight=5.0)
+    assert module.hparams.method["name"] == "sen"  # hyperparameters hold plain values (weights_only loads)
     trainer = _trainer(tmp_path, max_epochs=1, enable_checkpointing=True)  # fit end exports its checkpoint
     trainer.fit(module, datamodule=ToyData())
     trainer.save_checkpoint(tmp_path / "model.ckpt")
     shutil.rmtree(tmp_path / "clip")
 
     loaded = TIPRModule.load_from_checkpoint(tmp_path / "model.ckpt")
-    assert loaded.hparams.mask_ratio == 0.6 and loaded.hparams.restoration_weight == 5.0
+    assert loaded.network.config.mask_ratio == 0.6 and loaded.network.config.restoration_weight == 5.0
     assert isinstance(loaded.hparams.backbone, dict)
     for (name, a), (_, b) in zip(module.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
     # The same network without Lightning, from the checkpoint and from the folder fit wrote.
     from tipr.pretrained import load_pretrained
 
-    images, token_ids = ToyPairs(3).images, ToyPairs(3).token_ids
+    images, token_ids = ToyPairs(3).images, ToyPairs(3).input_ids
     expected = module.network.eval().encode_image(images), module.network.encode_text(token_ids)
     for source in (tmp_path / "model.ckpt", tmp_path / "pretrained"):
         model, processor = load_pretrained(source)
@@ -228,23 +242,20 @@ def test_reference_fp16_weights_keep_norms_and_embeddings_fp32_and_train_with_fp
     assert weight.dtype == torch.float16
     assert trainer.optimizers[0].state[weight]["exp_avg_sq"].dtype == torch.float16
     # Evaluation runs under the same autocast.
-    assert module.network.encode_text(ToyPairs(2).token_ids).dtype == torch.float16
+    assert module.network.encode_text(ToyPairs(2).input_ids).dtype == torch.float16
 
 
-def test_restoration_noise_depends_on_seed_epoch_and_batch_only_and_splits_the_global_batch():
-    """Each rank draws the global batch's noise from (seed, epoch, batch) and keeps its rows,
-    so W processes see the noise of one process."""
-    module = _module()
-    noises = {
-        world: torch.cat([module.restoration_noise(8 // world, 2, 3, world_size=world, rank=r) for r in range(world)])
-        for world in (1, 2, 4)
-    }
-    assert noises[1].shape == (8, module.network.embeddings.num_patches)
-    assert torch.equal(noises[1], noises[2]) and torch.equal(noises[1], noises[4])
-    assert torch.equal(noises[1], module.restoration_noise(8, 2, 3))  # a pure function of its arguments
-    assert not torch.equal(module.restoration_noise(8, 2, 4), noises[1])
-    assert not torch.equal(module.restoration_noise(8, 3, 3), noises[1])
-    assert not torch.equal(_module(seed=1).restoration_noise(8, 2, 3), noises[1])
+def test_a_data_module_without_the_methods_fields_gets_them_drawn_per_row_from_the_step(tmp_path):
+    """ToyData draws no IRRA masks: the module draws them from (global step, rank, row) and trains."""
+    module = _module(method="irra")
+    batch = ToyPairs(4)[0]
+    batch = {k: torch.as_tensor(v)[None].repeat(2, *[1] * torch.as_tensor(v).dim()) for k, v in batch.items()}
+    drawn = module.draw_sample_fields(batch)
+    assert torch.equal(drawn["mlm_input_ids"], module.draw_sample_fields(batch)["mlm_input_ids"])
+    assert not torch.equal(drawn["mlm_labels"][0], drawn["mlm_labels"][1])  # each row its own draw
+    trainer = _trainer(tmp_path, max_epochs=1, limit_val_batches=0)
+    trainer.fit(module, datamodule=ToyData())
+    assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/mlm_loss"])
 
 
 class PoisonedPairs(ToyPairs):
@@ -260,7 +271,7 @@ def test_a_non_finite_loss_stops_the_run_naming_step_terms_and_last_good_checkpo
     check after step 3 and names it; last.ckpt stays the one written after step 2, with finite weights."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from tipr.model.nonfinite import NonFiniteLossError
+    from tipr.training.nonfinite import NonFiniteLossError
 
     class Poisoned(ToyData):
         def train_dataloader(self):
@@ -280,8 +291,11 @@ def test_a_non_finite_loss_stops_the_run_naming_step_terms_and_last_good_checkpo
 
 
 def test_a_non_finite_gradient_alone_is_named(tmp_path):
+    """Finite losses but an infinite gradient (a hook on one weight): the real hooks name grad_norm only."""
+    from tipr.training.nonfinite import NonFiniteLossError
+
     module = _module(nonfinite_check_interval=1)
-    module.nonfinite.update(torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0]), step=0)
-    module.nonfinite.update(torch.tensor([float("inf")]), step=5, offset=5)
-    module.nonfinite.update(torch.tensor([float("nan")] * 5), step=6)  # later: the first bad step is kept
-    assert module.nonfinite.tripped_at == (5, ["grad_norm"])
+    module.network.clip.visual_projection.weight.register_hook(lambda grad: grad * float("inf"))
+    trainer = _trainer(tmp_path, max_epochs=1, limit_val_batches=0)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite grad_norm at step 0 \(NaN or Inf\)"):
+        trainer.fit(module, datamodule=ToyData())

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from tipr.model import SENModel
+from tipr.methods.sen import SENModel
 from tipr.model.losses import masked_patch_mse
-from tipr.model.restoration import (
+from tipr.methods.sen.restoration import (
     num_visible_patches,
     patchify,
     random_patch_masking,
@@ -139,7 +139,6 @@ def test_text_padding_mask_and_residual_options():
 
 def test_tir_gradients_reach_vision_encoder_text_encoder_and_decoder():
     network = _network(loss_weights={"restoration": 1.0}).train()
-    assert network.classifier is None
     images, token_ids, pids = _batch()
     losses = network(images, token_ids, pids)
     assert set(losses) == {"restoration", "loss"}
@@ -162,13 +161,23 @@ def test_tir_gradients_reach_vision_encoder_text_encoder_and_decoder():
     # No retrieval loss here, so the CLS-only post-norm path to the global feature is unused
     # but CLIP's logit scale is frozen and never receives a gradient.
     assert params.get("clip.logit_scale") is None or params["clip.logit_scale"].grad is None
+    assert params["classifier.weight"].grad is None  # the head exists; its loss is off
+
+
+def test_heads_exist_because_the_method_has_them_not_because_a_weight_is_above_zero():
+    full = _network()
+    off = _network(loss_weights={"sdm": 1.0})
+    assert list(full.state_dict()) == list(off.state_dict())
+    assert any(k.startswith("restoration.") for k in off.state_dict()) and "classifier.weight" in off.state_dict()
+    images, token_ids, pids = _batch()
+    assert set(off(images, token_ids, pids)) == {"sdm", "loss"}
 
 
 def test_every_loss_gives_gradients_to_both_encoders():
     network = _network(loss_weights={"sdm": 1, "id": 1, "triplet": 10, "itc": 1}).train()
-    assert network.restoration is None
     images, token_ids, pids = _batch()
     network(images, token_ids, pids)["loss"].backward()
+    assert network.restoration.pixel_head.weight.grad is None  # TIR off: its head gets nothing
     for name in ("clip.vision_model.encoder.layers.1.mlp.fc2.weight", "clip.text_model.encoder.layers.1.mlp.fc2.weight",
                  "classifier.weight"):
         assert dict(network.named_parameters())[name].grad.abs().sum() > 0, name
@@ -195,10 +204,14 @@ def test_bad_inputs_name_the_value(network):
         network(images, token_ids, torch.tensor([0, 1, 3, 2]))
     with pytest.raises(ValueError, match="batch sizes differ"):
         network(images, token_ids, pids[:3])
-    with pytest.raises(ValueError, match=r"unknown loss name\(s\) \['mlm'\]"):
+    with pytest.raises(TypeError, match="mlm_weight"):
         _network(loss_weights={"sdm": 1, "mlm": 1})
-    with pytest.raises(ValueError, match="triplet=-1"):
+    with pytest.raises(ValueError, match="sen triplet_weight=-1.0 must be >= 0"):
         _network(loss_weights={"triplet": -1})
+    with pytest.raises(ValueError, match="every loss weight is 0"):
+        _network(loss_weights={})
+    with pytest.raises(ValueError, match="id_weight > 0 needs num_classes >= 1"):
+        _network(num_classes=0)
     with pytest.raises(ValueError, match=r"image_size \(30, 16\)"):
         _network(image_size=(30, 16))
     with pytest.raises(ValueError, match="mask_ratio must be in \\(0, 1\\), got 1.0"):

@@ -1,4 +1,4 @@
-"""SENModel / TIPRProcessor: save_pretrained, from_pretrained, push_to_hub, inference without Lightning."""
+"""SENModel, IRRAModel / TIPRProcessor: save_pretrained, from_pretrained, push_to_hub, inference without Lightning."""
 
 import json
 import subprocess
@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tipr.model import SENConfig, SENModel, SENOutput
+from tipr.methods.irra import IRRAModel
+from tipr.methods.sen import SENConfig, SENModel, SENOutput
+from tipr.model import TIPRModel
 from tipr.pretrained import load_pretrained, push_to_hub, save_pretrained
 from tipr.processing import TIPRProcessor
 from tipr.tokenization import load_tokenizer
@@ -38,18 +40,19 @@ def test_round_trip_keeps_weights_config_and_losses(tmp_path, fp16):
     model = _model(reference_fp16_weights=fp16, mask_ratio=0.6, loss_weights={"sdm": 1, "triplet": 2, "restoration": 3})
     model.save_pretrained(tmp_path)
     assert {"config.json", "model.safetensors"} <= {p.name for p in tmp_path.iterdir()}
-    assert json.loads((tmp_path / "config.json").read_text())["format"] == "tipr-sen"
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["format"], saved["model_type"]) == ("tipr", "sen")
     loaded = SENModel.from_pretrained(tmp_path)
-    assert not loaded.training and loaded.config == model.config
+    assert not loaded.training and loaded.config == model.config and loaded.encoder_config == model.encoder_config
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert a.dtype == b.dtype and torch.equal(a, b), name
     images = torch.randn(2, 3, *IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
-    token_ids = TIPRProcessor.for_model(model).tokenize(CAPTIONS)
+    input_ids = TIPRProcessor.for_model(model).tokenize(CAPTIONS)
     noise = torch.rand(2, model.embeddings.num_patches, generator=torch.Generator().manual_seed(1))
-    out = model.eval()(images, token_ids, torch.tensor([0, 1]), noise=noise)
-    again = loaded(images, token_ids, torch.tensor([0, 1]), noise=noise)
+    out = model.eval()(images, input_ids, torch.tensor([0, 1]), noise=noise)
+    again = loaded(images, input_ids, torch.tensor([0, 1]), noise=noise)
     assert isinstance(out, SENOutput) and list(out.keys()) == ["loss", "sdm", "triplet", "restoration"]
-    assert out.id is None  # weight 0: no classifier, no term
+    assert out.id is None  # weight 0: no term (the classifier exists)
     assert out.loss is out["loss"]
     assert float(out.loss) == pytest.approx(float(out.sdm + 2 * out.triplet + 3 * out.restoration), rel=1e-5)
     for name in out.keys():
@@ -66,14 +69,45 @@ def test_from_pretrained_names_what_is_wrong(tmp_path, folder):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
-    (bad / "config.json").write_text(json.dumps({**config, "tir_depth": 2}))
-    with pytest.raises(ValueError, match=r"bad/config.json: unknown SEN config key\(s\) \['tir_depth'\]"):
+    (bad / "config.json").write_text(json.dumps({**config, "method": {**config["method"], "tir_depth": 2}}))
+    with pytest.raises(ValueError, match=r"bad/config.json: unknown sen config key\(s\) \['tir_depth'\]"):
         SENModel.from_pretrained(bad)
-    (bad / "config.json").write_text(json.dumps({**config, "image_size": [48, 16]}))  # a 6 x 2 grid: 13 positions
+    (bad / "config.json").write_text(json.dumps({**config, "model_type": "rde"}))
+    with pytest.raises(ValueError, match=r"bad/config.json: model_type: unknown method 'rde'; expected one of sen, irra"):
+        TIPRModel.from_pretrained(bad)
+    encoder = {**config["encoder"], "image_size": [48, 16]}  # a 6 x 2 grid: 13 positions
+    (bad / "config.json").write_text(json.dumps({**config, "encoder": encoder}))
     with pytest.raises(ValueError, match=r"model.safetensors: the weights do not fit .* shapes differ"):
         SENModel.from_pretrained(bad)
-    with pytest.raises(ValueError, match="loss weight triplet=-1.0 must be >= 0"):
-        SENConfig(clip=config["clip"], num_classes=3, loss_weights={"triplet": -1.0})
+    with pytest.raises(ValueError, match="sen triplet_weight=-1.0 must be >= 0"):
+        SENConfig(triplet_weight=-1.0)
+
+
+def test_from_pretrained_returns_the_method_its_config_names(tmp_path, folder):
+    """TIPRModel.from_pretrained is transformers' AutoModel: the folder's model_type picks the class."""
+    irra = Tiny.network(method="irra")
+    save_pretrained(irra, TIPRProcessor.for_model(irra), tmp_path / "irra")
+    loaded = TIPRModel.from_pretrained(tmp_path / "irra")
+    assert type(loaded) is IRRAModel and loaded.config == irra.config
+    for (name, a), (_, b) in zip(irra.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert type(TIPRModel.from_pretrained(folder)) is SENModel
+    with pytest.raises(ValueError, match=r"is an irra model \(IRRAModel\), not a SENModel"):
+        SENModel.from_pretrained(tmp_path / "irra")
+    model, processor = load_pretrained(tmp_path / "irra")
+    assert type(model) is IRRAModel and processor.text_length == TEXT_LENGTH
+
+
+def test_a_tipr_0_2_pretrained_folder_still_loads(tmp_path, folder):
+    """0.2 wrote one flat SEN config ("format": "tipr-sen", a loss_weights dict)."""
+    config = json.loads((folder / "config.json").read_text())
+    method = dict(config["method"])
+    weights = {name: method.pop(f"{name}_weight") for name in ("sdm", "id", "triplet", "restoration", "itc")}
+    old = {"format": "tipr-sen", **config["encoder"], **method, "loss_weights": weights}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    (tmp_path / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    loaded = TIPRModel.from_pretrained(tmp_path)
+    assert type(loaded) is SENModel and loaded.config == SENModel.from_pretrained(folder).config
 
 
 def test_processor_round_trip_and_inputs(tmp_path, folder):
@@ -84,7 +118,7 @@ def test_processor_round_trip_and_inputs(tmp_path, folder):
     pictures = _pictures()
     pictures[0].save(tmp_path / "a.png")
     inputs = processor(text=CAPTIONS, images=pictures)
-    assert inputs["token_ids"].shape == (2, TEXT_LENGTH) and inputs["pixel_values"].shape == (2, 3, *IMAGE_SIZE)
+    assert inputs["input_ids"].shape == (2, TEXT_LENGTH) and inputs["pixel_values"].shape == (2, 3, *IMAGE_SIZE)
     from_file = processor(images=[tmp_path / "a.png"])["pixel_values"]
     assert torch.equal(from_file[0], inputs["pixel_values"][0])  # a path and a PIL image give the same input
     # A red image is red after normalisation: the red channel is above the others.
@@ -100,14 +134,14 @@ def test_a_notebook_ranks_offline_without_lightning(folder):
     script = textwrap.dedent(f"""
         import sys, torch
         from PIL import Image
-        from tipr.model import SENModel
+        from tipr.model import TIPRModel
         from tipr.processing import TIPRProcessor
-        model = SENModel.from_pretrained({str(folder)!r})
+        model = TIPRModel.from_pretrained({str(folder)!r})
         processor = TIPRProcessor.from_pretrained({str(folder)!r})
         images = [Image.new("RGB", (20, 50), (200, 30, 30)), Image.new("RGB", (24, 48), (20, 30, 220))]
         inputs = processor(text={CAPTIONS!r}, images=images)
         with torch.inference_mode():
-            scores = model.similarity(model.encode_text(inputs["token_ids"]), model.encode_image(inputs["pixel_values"]))
+            scores = model.similarity(model.encode_text(inputs["input_ids"]), model.encode_image(inputs["pixel_values"]))
         assert "lightning" not in sys.modules and "pytorch_lightning" not in sys.modules, "Lightning was imported"
         print(scores.argsort(dim=1, descending=True).tolist(), scores.flatten().tolist())
     """)
@@ -118,7 +152,7 @@ def test_a_notebook_ranks_offline_without_lightning(folder):
     model, processor = load_pretrained(folder)
     inputs = processor(text=CAPTIONS, images=_pictures())
     with torch.inference_mode():
-        expected = model.similarity(model.encode_text(inputs["token_ids"]), model.encode_image(inputs["pixel_values"]))
+        expected = model.similarity(model.encode_text(inputs["input_ids"]), model.encode_image(inputs["pixel_values"]))
     assert order == expected.argsort(dim=1, descending=True).tolist()
     assert scores == pytest.approx(expected.flatten().tolist(), abs=1e-6)
 
@@ -139,7 +173,9 @@ def test_push_to_hub_uploads_model_and_processor(monkeypatch, folder):
     assert push_to_hub(model, processor, "me/sen") == "https://huggingface.co/me/sen/commit/1"
     assert calls["repo"] == "me/sen"
     assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} <= set(calls["files"])
-    assert calls["config"] == json.loads(json.dumps(model.config.to_dict()))
+    from tipr.model.config import config_dict
+
+    assert calls["config"] == json.loads(json.dumps(config_dict(model.encoder_config, model.config)))
 
 
 def test_a_model_trained_with_a_folder_tokenizer_reloads_with_it(tmp_path):
@@ -149,8 +185,8 @@ def test_a_model_trained_with_a_folder_tokenizer_reloads_with_it(tmp_path):
 
     import lightning.pytorch as pl
 
-    from tipr.model import TIPRModule
     from tipr.model.backbone import build_clip
+    from tipr.training import TIPRModule
 
     backbone = tmp_path / "clip"
     build_clip("tiny", text_length=TEXT_LENGTH).save_pretrained(backbone)
@@ -163,8 +199,9 @@ def test_a_model_trained_with_a_folder_tokenizer_reloads_with_it(tmp_path):
     own = TIPRProcessor(load_tokenizer(backbone), IMAGE_SIZE, TEXT_LENGTH).tokenize(captions)
     assert not torch.equal(own, TIPRProcessor(None, IMAGE_SIZE, TEXT_LENGTH).tokenize(captions))
 
-    module = TIPRModule(num_classes=2, backbone=str(backbone), image_size=IMAGE_SIZE, text_length=TEXT_LENGTH)
-    pairs = [{"images": torch.randn(3, *IMAGE_SIZE), "token_ids": own[i % 2], "pids": i % 2} for i in range(4)]
+    module = TIPRModule(num_classes=2, method=SENConfig(), backbone=str(backbone), image_size=IMAGE_SIZE,
+                        text_length=TEXT_LENGTH)
+    pairs = [{"pixel_values": torch.randn(3, *IMAGE_SIZE), "input_ids": own[i % 2], "pids": i % 2} for i in range(4)]
     trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=tmp_path)  # fit end writes pretrained/
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(pairs, batch_size=4))
@@ -179,19 +216,21 @@ def test_a_model_trained_with_a_folder_tokenizer_reloads_with_it(tmp_path):
 def test_training_or_testing_starts_from_a_pretrained_folder(tmp_path, folder):
     """model.init_from: the CLIP weights, and each head whose shape fits; the data read with its tokenizer."""
     from tipr.cli import TIPRCLI
-    from tipr.data import TIPRDataModule
-    from tipr.model import TIPRModule
+    from tipr.training import TIPRDataModule, TIPRModule
 
     pretrained = SENModel.from_pretrained(folder)
-    same = TIPRModule(num_classes=Tiny.num_classes, init_from=str(folder), image_size=IMAGE_SIZE, text_length=TEXT_LENGTH)
+    same = TIPRModule(num_classes=Tiny.num_classes, method=SENConfig(), init_from=str(folder), image_size=IMAGE_SIZE,
+                      text_length=TEXT_LENGTH)
     for name, value in pretrained.state_dict().items():
         assert torch.equal(same.network.state_dict()[name], value), name
-    wider = TIPRModule(num_classes=5, init_from=str(folder), image_size=IMAGE_SIZE, text_length=TEXT_LENGTH)
+    wider = TIPRModule(num_classes=5, method=SENConfig(), init_from=str(folder), image_size=IMAGE_SIZE,
+                       text_length=TEXT_LENGTH)
     weights = wider.network.state_dict()
     assert weights["classifier.weight"].shape == (5, 64)  # another number of identities: a fresh classifier
     assert all(torch.equal(weights[k], v) for k, v in pretrained.state_dict().items() if not k.startswith("classifier"))
     with pytest.raises(ValueError, match=r"init_from=.* was built for image_size \(32, 16\) and text_length 16"):
-        TIPRModule(num_classes=Tiny.num_classes, init_from=str(folder), image_size=(64, 32), text_length=TEXT_LENGTH)
+        TIPRModule(num_classes=Tiny.num_classes, method=SENConfig(), init_from=str(folder), image_size=(64, 32),
+                   text_length=TEXT_LENGTH)
 
     config = __import__("pathlib").Path(__file__).resolve().parents[1] / "experiments" / "synthetic.yaml"
     cli = TIPRCLI(TIPRModule, TIPRDataModule, auto_configure_optimizers=False, run=False, save_config_callback=None,

@@ -41,7 +41,7 @@ def command_lines(prefixes: tuple[str, ...]) -> list[str]:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A folder laid out as the README's reader has it, with a tiny trained model."""
-    from tipr.model import SENModel
+    from tipr.methods.sen import SENModel
     from tipr.pretrained import save_pretrained
     from tipr.processing import TIPRProcessor
 
@@ -60,7 +60,7 @@ def workspace(tmp_path_factory):
 def test_python_blocks_run_in_order(workspace, monkeypatch):
     monkeypatch.chdir(workspace)
     code = blocks("python")
-    assert any("SENModel.from_pretrained" in body for body in code)  # the README shows the pretrained API
+    assert any("TIPRModel.from_pretrained" in body for body in code)  # the README shows the pretrained API
     namespace: dict = {}
     for number, body in enumerate(code, start=1):
         if body.lstrip().startswith(">>>"):
@@ -70,6 +70,7 @@ def test_python_blocks_run_in_order(workspace, monkeypatch):
         except Exception as e:
             raise AssertionError(f"README python block {number} failed: {type(e).__name__}: {e}\n{body}") from e
     # The notebook block ranked the two crops for one caption with the model it loaded.
+    assert type(namespace["model"]).__name__ == "SENModel"
     assert namespace["scores"].shape == (1, 2) and namespace["ranking"].shape == (1, 2)
 
 

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -18,15 +18,16 @@ from PIL import Image
 
 import tipr.search.indexing as indexing_module
 from tipr.commands import main
-from tipr.data import TIPRDataModule
 from tipr.data.datasets import read_image
-from tipr.model import SENModel, TIPRModule
+from tipr.methods.sen import SENConfig, SENModel
 from tipr.pretrained import load_pretrained, save_pretrained
 from tipr.processing import TIPRProcessor
 from tipr.render import line_height, load_font, to_tile, wrap_text
+from tipr.training import TIPRDataModule, TIPRModule
 from tipr.search import (
     GalleryError,
     GalleryIndex,
+    IndexReport,
     SearchHit,
     build_index,
     contact_sheet,
@@ -74,7 +75,7 @@ def trained(tmp_path_factory) -> Trained:
     )
     module = TIPRModule(
         num_classes=data.num_classes, backbone="tiny", image_size=IMAGE_SIZE, text_length=TEXT_LENGTH, lr=1.5e-3,
-        adam_eps=1e-8, warmup_epochs=0.5, restoration_weight=0.0,
+        adam_eps=1e-8, warmup_epochs=0.5, method=SENConfig(restoration_weight=0.0),
     )
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=30, logger=False, enable_checkpointing=False,
@@ -197,7 +198,7 @@ def run(capsys, *args) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def index_quietly(trained: Trained, photos: Path, out: Path | None = None) -> GalleryIndex:
+def index_quietly(trained: Trained, photos: Path, out: Path | None = None) -> tuple[GalleryIndex, IndexReport]:
     return build_index(trained.model, trained.processor, photos, out, checkpoint=trained.folder, num_workers=0,
                        progress=False)
 
@@ -222,6 +223,31 @@ def test_index_then_search_a_pretrained_folder_through_the_cli(trained, photos, 
     assert_brute_force_top_k(printed_hits(out, queries), expected, paths, k=3, score_tol=5e-5 + TIE)
 
 
+def test_index_then_search_with_an_irra_model(trained, photos, tmp_path, capsys):
+    """Search knows no method: an IRRA pretrained folder indexes and searches like a SEN one."""
+    from tiny import Tiny
+
+    from tipr.methods.irra import IRRAModel
+
+    irra = Tiny.network(method="irra", image_size=IMAGE_SIZE, text_length=TEXT_LENGTH).eval()
+    folder = tmp_path / "irra"
+    save_pretrained(irra, TIPRProcessor.for_model(irra), folder)
+    gallery_file = tmp_path / "irra.gallery"
+    code, out, err = run(capsys, "index", "--model", folder, "--images", photos, "--out", gallery_file,
+                         "--num_workers", 0, "--device", "cpu")
+    assert code == 0, err
+    queries = [trained.captions[1]]
+    code, out, err = run(capsys, "search", "--model", folder, "--gallery", gallery_file, "--query", queries[0],
+                         "--top_k", 4, "--device", "cpu")
+    assert code == 0, err
+    model, processor = load_pretrained(folder)
+    assert type(model) is IRRAModel
+    paths = sorted(gallery_names())
+    expected = brute_force_scores(Trained(**{**trained.__dict__, "model": model, "processor": processor}),
+                                  photos, paths, queries)
+    assert_brute_force_top_k(printed_hits(out, queries), expected, paths, k=4, score_tol=5e-5 + TIE)
+
+
 def test_a_lightning_checkpoint_is_the_same_model_as_its_pretrained_folder(trained, photos, tmp_path, capsys):
     """Indexed from the .ckpt, searched with the folder: one fingerprint, one ranking."""
     gallery_file = tmp_path / "photos.gallery"
@@ -231,7 +257,7 @@ def test_a_lightning_checkpoint_is_the_same_model_as_its_pretrained_folder(train
     gallery = GalleryIndex.load(gallery_file)
     assert gallery.model["checkpoint"] == str(trained.ckpt.resolve())
     assert gallery.model["fingerprint"] == model_fingerprint(trained.model)
-    assert torch.allclose(gallery.features, index_quietly(trained, photos).features, atol=TIE)
+    assert torch.allclose(gallery.features, index_quietly(trained, photos)[0].features, atol=TIE)
     code, out, err = run(capsys, "search", "--model", trained.folder, "--gallery", gallery_file, "--query",
                          trained.captions[4], "--top_k", 2, "--device", "cpu")
     assert code == 0, err
@@ -260,9 +286,12 @@ def test_search_options_from_a_config_file(trained, photos, tmp_path, capsys):
 
 def test_python_api_search_is_the_brute_force_ranking_of_the_model_s_scores(trained, photos):
     model, processor = trained.model, trained.processor
-    gallery = build_index(model, processor, photos, num_workers=0, progress=False)
+    gallery, report = build_index(model, processor, photos, num_workers=0, progress=False)
     assert gallery.paths == sorted(gallery_names()) and gallery.file is None
-    assert set(gallery.failed) == {"broken.jpg"} and gallery.report.failed == gallery.failed
+    assert set(gallery.failed) == {"broken.jpg"} and report.failed == gallery.failed
+    assert (report.found, report.encoded, report.kept, report.dropped) == (NUM_IDS + 1, gallery.paths, 0, [])
+    listing = f"1 file could not be read and is not in the index:\n  broken.jpg: {gallery.failed['broken.jpg']}"
+    assert report.summary().endswith(listing)  # what 'tipr index' prints
     assert torch.allclose(gallery.features.norm(dim=1), torch.ones(NUM_IDS))
     # Row i of the gallery is the image at paths[i], encoded as the model encodes it on its own.
     pixels = processor.preprocess([photos / path for path in gallery.paths])
@@ -282,9 +311,9 @@ def test_python_api_search_is_the_brute_force_ranking_of_the_model_s_scores(trai
 
 def test_gallery_file_round_trip(trained, photos, tmp_path):
     out = tmp_path / "g" / "photos.gallery"
-    built = index_quietly(trained, photos, out)
+    built, _ = index_quietly(trained, photos, out)
     loaded = GalleryIndex.load(out)
-    assert loaded.file == str(out) and loaded.report is None
+    assert loaded.file == str(out)
     assert loaded.paths == built.paths and torch.equal(loaded.features, built.features)
     assert torch.equal(loaded.sizes, built.sizes) and torch.equal(loaded.mtimes, built.mtimes)
     assert loaded.model == built.model and loaded.model["checkpoint"] == str(trained.folder.resolve())
@@ -293,12 +322,14 @@ def test_gallery_file_round_trip(trained, photos, tmp_path):
     assert loaded.failed == {"broken.jpg": built.failed["broken.jpg"]}
     raw = torch.load(out, weights_only=True)
     assert (raw["format"], raw["version"]) == ("tipr-gallery", 1)
+    # Every field but ``file`` is saved: nothing a loaded gallery lacks (what a run did is its IndexReport).
+    assert set(raw) == {"format", "version"} | {f.name for f in fields(GalleryIndex)} - {"file"}
     assert not [p for p in out.parent.iterdir() if p.name != out.name]  # no temporary file left
 
 
 def test_reindex_encodes_only_new_and_changed_files_and_drops_vanished_ones(trained, photos, tmp_path, capsys, monkeypatch):
     out = tmp_path / "photos.gallery"
-    first = index_quietly(trained, photos, out)
+    first, _ = index_quietly(trained, photos, out)
     names = gallery_names()
     shutil.copyfile(trained.spare, photos / "street" / "new1.jpg")
     Image.open(photos / names[3]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(photos / "new2.webp")
@@ -325,14 +356,15 @@ def test_reindex_encodes_only_new_and_changed_files_and_drops_vanished_ones(trai
     assert second.paths == sorted(set(names) - {names[6]} | {"street/new1.jpg", "new2.webp"})
     for path in set(first.paths) & set(second.paths) - {names[4]}:  # taken over bit for bit
         assert torch.equal(second.features[second.paths.index(path)], first.features[first.paths.index(path)])
-    fresh = index_quietly(trained, photos)  # from scratch, in memory
+    fresh, _ = index_quietly(trained, photos)  # from scratch, in memory
     assert fresh.paths == second.paths
     assert torch.allclose(fresh.features, second.features, atol=TIE)  # other batches: last bits may differ
 
     # Nothing changed: nothing but the failure is decoded again.
     decoded.clear()
-    again = index_quietly(trained, photos, out)
-    assert decoded == ["broken.jpg"] and again.report.encoded == [] and again.report.kept == 9
+    again, report = index_quietly(trained, photos, out)
+    assert decoded == ["broken.jpg"] and report.encoded == [] and report.kept == 9 and again.paths == second.paths
+    assert report.failed == again.failed == second.failed and set(again.failed) == {"broken.jpg"}
 
 
 def test_another_model_is_refused_naming_both(trained, photos, tmp_path, capsys):
@@ -382,7 +414,7 @@ def test_a_model_that_cannot_be_loaded_is_named_with_its_option(trained, photos,
 
 
 def test_top_k_beyond_the_gallery_is_clamped(trained, photos, tmp_path, capsys):
-    gallery = index_quietly(trained, photos, tmp_path / "g")
+    gallery, _ = index_quietly(trained, photos, tmp_path / "g")
     hits = search(trained.model, trained.processor, gallery, ["a", "b"], top_k=100)
     assert [len(row) for row in hits] == [NUM_IDS, NUM_IDS]
     with pytest.raises(ValueError, match="top_k must be >= 1, got 0"):
@@ -423,7 +455,7 @@ def test_queries_from_a_file_and_a_contact_sheet(trained, photos, tmp_path, caps
 
 
 def test_contact_sheet_layout_and_images_root(trained, photos, tmp_path):
-    gallery = build_index(trained.model, trained.processor, photos, num_workers=0, progress=False)
+    gallery, _ = build_index(trained.model, trained.processor, photos, num_workers=0, progress=False)
     queries = ["a person in red", "a person in blue"]
     hits = search(trained.model, trained.processor, gallery, queries, top_k=4)
     moved = photos.rename(tmp_path / "moved")

@@ -8,11 +8,12 @@ import torch
 from lightning.pytorch.loggers import Logger
 from PIL import Image
 
-from tipr.data import TIPRDataModule
+from tipr.training import TIPRDataModule
 from tipr.data.transforms import CLIP_MEAN, CLIP_STD
-from tipr.model import TIPRModule
+from tipr.training import TIPRModule
 from tipr.render import LINE_SPACING, display_size, image_grid, line_height, load_font, to_tile, wrap_text
-from tipr.visualization import FRAME, TIR_CAPTION, RetrievalPanels, to_pil
+from tipr.methods.sen.model import TIR_PANEL_CAPTION
+from tipr.training.panels import FRAME, RetrievalPanels, to_pil
 
 QUERY = "a woman in a blue ankle-length skirt and a red tee with a blue cap"
 
@@ -139,7 +140,7 @@ def test_retrieval_panels_show_the_top_k_framed_by_identity_with_the_query_as_ca
     class Gallery(list):
         pids = torch.tensor([7, 8, 7])
 
-    gallery = Gallery({"images": normalise(torch.tensor(c)[:, None, None].expand(3, 32, 16))} for c in colours)
+    gallery = Gallery({"pixel_values": normalise(torch.tensor(c)[:, None, None].expand(3, 32, 16))} for c in colours)
     queries = SimpleNamespace(pids=torch.tensor([7, 8]))
     panels = RetrievalPanels(num_queries=2, top_k=3, num_restorations=0)
     images, texts = panels.retrieval_panels(SimpleNamespace(val_ranks=ranks), queries, gallery,
@@ -157,15 +158,20 @@ def test_retrieval_panels_show_the_top_k_framed_by_identity_with_the_query_as_ca
             assert inside == tuple(round(255 * v) for v in colours[item]), (c, item)  # the ranked item's picture
 
 
-@pytest.mark.parametrize("num_val_ids", [4, 0], ids=["val split", "no val split (ICFG-PEDES)"])
-def test_panels_are_logged_after_validation(tmp_path, num_val_ids):
-    """Also for a benchmark without a val split, which validates on test (ICFG-PEDES)."""
+@pytest.mark.parametrize(("num_val_ids", "method"), [(4, "sen"), (0, "sen"), (4, "irra")],
+                         ids=["val split", "no val split (ICFG-PEDES)", "IRRA"])
+def test_panels_are_logged_after_validation(tmp_path, num_val_ids, method):
+    """Also for a benchmark without a val split, which validates on test (ICFG-PEDES), and for IRRA
+    (retrieval panels only: it draws no panel of its own)."""
+    from tiny import Tiny
+
     torch.manual_seed(0)
     data = TIPRDataModule(dataset="synthetic", root=str(tmp_path), image_size=(32, 16), batch_size=8,
                           eval_batch_size=16, num_workers=0, text_length=48,
                           synthetic={"num_train_ids": 8, "num_val_ids": num_val_ids, "num_test_ids": 4,
                                      "images_per_id": 2, "image_size": (64, 32)})
-    model = TIPRModule(num_classes=data.num_classes, backbone="tiny", image_size=(32, 16), text_length=48)
+    model = TIPRModule(num_classes=data.num_classes, method=Tiny.method_config(method), backbone="tiny",
+                       image_size=(32, 16), text_length=48)
     logger = ImageLogger()
     trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, num_sanity_val_steps=0,
                          logger=logger, callbacks=[RetrievalPanels(num_queries=3, top_k=4, num_restorations=2)],
@@ -176,9 +182,13 @@ def test_panels_are_logged_after_validation(tmp_path, num_val_ids):
     assert split == ("val" if num_val_ids else "test")
     # One retrieval image per query, captioned with the query's own text (queries come in loader order).
     assert logger.captions["val/retrieval"] == [str(c) for c in data.benchmark.split(split).captions[:3]]
-    assert logger.captions["val/tir"] == [TIR_CAPTION]
-    retrieval, (tir,) = logger.images["val/retrieval"], logger.images["val/tir"]
+    retrieval = logger.images["val/retrieval"]
     assert len(retrieval) == 3
+    if method == "irra":
+        assert set(logger.images) == {"val/retrieval"}
+        return
+    assert logger.captions["val/tir"] == [TIR_PANEL_CAPTION]
+    (tir,) = logger.images["val/tir"]
     # 4 framed tiles of 128x64 (32x16 scaled by 4), 4 px apart, a caption line under each
     step = line_height(load_font(12))
     tile_h, tile_w = 128 + 2 * FRAME, 64 + 2 * FRAME

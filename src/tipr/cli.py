@@ -1,12 +1,16 @@
 """The ``tipr`` command: LightningCLI over ``TIPRModule`` and ``TIPRDataModule``.
 
     tipr fit --config experiments/synthetic.yaml
-    tipr fit --config experiments/sen_base.yaml --config experiments/sen_cuhk_pedes.yaml --data.root /data --model.restoration_weight=5
+    tipr fit --config experiments/synthetic_irra.yaml
+    tipr fit --config experiments/sen_base.yaml --config experiments/sen_cuhk_pedes.yaml --data.root /data --model.method.restoration_weight=5
+    tipr fit --config experiments/irra_base.yaml --config experiments/irra_cuhk_pedes.yaml --data.root /data
     tipr test --config experiments/sen_base.yaml --config experiments/sen_cuhk_pedes.yaml --ckpt_path path/to/best.ckpt
 
 Every constructor argument of the two classes is an option (``--model.*``,
-``--data.*``), as is every ``Trainer`` argument (``--trainer.*``). On top of
-LightningCLI this adds:
+``--data.*``), as is every ``Trainer`` argument (``--trainer.*``). The method
+is one nested option: ``--model.method=irra`` (a registered name, see
+:data:`tipr.methods.METHODS`, or a config class path) and its fields
+``--model.method.mlm_weight=0.5``. On top of LightningCLI this adds:
 
 - links: the data module's ``num_classes`` (training identities), ``image_size``
   and ``text_length`` feed the model, and the model's ``backbone`` picks the
@@ -25,9 +29,9 @@ LightningCLI this adds:
   (R1 / R5 / R10 / mAP / mINP, text-to-image), also written to
   ``<log_dir>/<stage>_results.json``.
 
-The optimiser and schedule are the SEN recipe, owned by ``TIPRModule`` (its
-``lr``, ``warmup_epochs``... arguments), so LightningCLI's generic
-``--optimizer`` / ``--lr_scheduler`` options are not offered.
+The optimiser and schedule are the methods' recipe, owned by ``TIPRModule`` (its
+``lr``, ``warmup_epochs``... arguments, the method's parameter groups), so
+LightningCLI's generic ``--optimizer`` / ``--lr_scheduler`` options are not offered.
 """
 
 from __future__ import annotations
@@ -36,18 +40,37 @@ import json
 import os
 from pathlib import Path
 
+from collections.abc import Sequence
+
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from tipr.checkpointing import AtomicCheckpointIO, LastCheckpoint, resume_version
-from tipr.data import TIPRDataModule
-from tipr.model import TIPRModule
-from tipr.visualization import RetrievalPanels
+from tipr.methods import METHODS, config_class_path
+from tipr.model.config import MethodConfig
+from tipr.training.checkpointing import AtomicCheckpointIO, LastCheckpoint, resume_version
+from tipr.training.datamodule import TIPRDataModule
+from tipr.training.module import TIPRModule
+from tipr.training.panels import RetrievalPanels
 
 METRIC_NAMES = ("R1", "R5", "R10", "mAP", "mINP")
 
 
-def format_results_table(results: dict[str, float], dataset: str, method: str = "SEN") -> str:
+def method_by_name(argv: Sequence[str]) -> list[str]:
+    """``argv`` with ``--model.method=<name>`` (or ``--model.method <name>``) of a registered
+    method written as its config's class path, which LightningCLI takes."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg.startswith("--model.method="):
+            flag, value = arg.split("=", 1)
+            if value in METHODS:
+                out[i] = f"{flag}={config_class_path(value)}"
+        elif arg == "--model.method" and i + 1 < len(out) and out[i + 1] in METHODS:
+            out[i + 1] = config_class_path(out[i + 1])
+    return out
+
+
+def format_results_table(results: dict[str, float], dataset: str, method: str) -> str:
     """A Markdown table in the layout of the paper's: R1 / R5 / R10 / mAP / mINP in percent.
 
     ``results`` maps ``"<stage>/R1"``-style or bare ``"R1"`` keys to values;
@@ -68,9 +91,13 @@ def format_results_table(results: dict[str, float], dataset: str, method: str = 
 class TIPRCLI(LightningCLI):
     """LightningCLI with the links, checkpointing and result tables of ``tipr``."""
 
+    def __init__(self, *args, **kwargs):
+        set_parsing_settings(subclasses_enabled=[MethodConfig])  # --model.method takes any method's config
+        super().__init__(*args, **kwargs)
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        # No ``predict``: features come from ``SENModel.encode_*`` (``tipr index`` for a folder of images).
+        # No ``predict``: features come from ``TIPRModel.encode_*`` (``tipr index`` for a folder of images).
         commands = LightningCLI.subcommands()
         commands.pop("predict", None)
         return commands
@@ -91,6 +118,10 @@ class TIPRCLI(LightningCLI):
                 "checkpoint.monitor": "val/R1",
                 "checkpoint.mode": "max",
                 "checkpoint.save_last": False,  # last.ckpt is LastCheckpoint's (epoch ends and every N minutes)
+                # Save the best when validation ends, before the epoch-end hooks: Lightning runs checkpoint
+                # callbacks after all others, so a best saved at the epoch end would miss the epoch-end
+                # last.ckpt, and a run resumed from it would forget that best.
+                "checkpoint.save_on_train_epoch_end": False,
                 "checkpoint.filename": "best-epoch{epoch:02d}-valR1_{val/R1:.2f}",
                 "checkpoint.auto_insert_metric_name": False,
             }
@@ -159,7 +190,7 @@ class TIPRCLI(LightningCLI):
         log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if not self.trainer.is_global_zero or not results:
             return
-        table = format_results_table(results, dataset=self.datamodule.dataset, method=getattr(self.model, "method_name", "SEN"))
+        table = format_results_table(results, dataset=self.datamodule.dataset, method=self.model.method_name)
         print(f"\n{stage} results\n{table}\n", flush=True)
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / f"{stage}_results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
@@ -171,6 +202,12 @@ def main(args: list[str] | None = None, epilog: str | None = None) -> None:
     The ``tipr`` console script is :func:`tipr.commands.main`, which sends the model
     commands (``index``, ``search``, ``convert``) elsewhere.
     """
+    import sys
+
+    if args is None:  # LightningCLI reads sys.argv itself (and DDP's launcher re-runs it)
+        sys.argv[1:] = method_by_name(sys.argv[1:])
+    else:
+        args = method_by_name(args)
     TIPRCLI(
         TIPRModule,
         TIPRDataModule,

@@ -4,7 +4,7 @@
 a Trainer. Each is a plain function whose signature and docstring are its
 options (jsonargparse), so it reads ``--config file.yaml`` like ``tipr fit``, and
 none of them imports Lightning. Every other command (``fit``, ``validate``,
-``test``, ``predict``) goes to :mod:`tipr.cli` (LightningCLI).
+``test``) goes to :mod:`tipr.cli` (LightningCLI).
 """
 
 from __future__ import annotations

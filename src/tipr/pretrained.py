@@ -1,6 +1,7 @@
 """Loading a trained model for inference, from a pretrained folder or a Lightning checkpoint.
 
-``load_pretrained(source)`` returns ``(SENModel, TIPRProcessor)`` from
+``load_pretrained(source)`` returns ``(model, TIPRProcessor)``, the model being
+the method its config names (``SENModel``, ``IRRAModel``...), from
 
 - a pretrained folder (``save_pretrained``, ``tipr fit``'s ``<log_dir>/pretrained``,
   ``tipr convert``) or a Hugging Face hub id;
@@ -19,19 +20,20 @@ from typing import Any
 
 import torch
 
-from tipr.model.config import SENConfig
+from tipr.model.base import TIPRModel
+from tipr.model.config import EncoderConfig, MethodConfig, parse_config
 from tipr.model.hub import load_state
-from tipr.model.sen import SENModel
 from tipr.processing import TIPRProcessor
 
-#: Keys ``TIPRModule.on_save_checkpoint`` adds to a Lightning checkpoint.
-CHECKPOINT_CONFIG_KEY = "sen_config"
+#: Keys ``TIPRModule.on_save_checkpoint`` adds to a Lightning checkpoint (``sen_config``: tipr 0.2).
+CHECKPOINT_CONFIG_KEY = "tipr_config"
+LEGACY_CONFIG_KEY = "sen_config"
 CHECKPOINT_PROCESSOR_KEY = "tipr_processor"
 #: The ``TIPRModule`` attribute that holds the network (its state-dict prefix).
 NETWORK_PREFIX = "network."
 
 
-def save_pretrained(model: SENModel, processor: TIPRProcessor, folder: str | Path) -> Path:
+def save_pretrained(model: TIPRModel, processor: TIPRProcessor, folder: str | Path) -> Path:
     """Write ``config.json``, ``model.safetensors``, the tokenizer and ``processor_config.json``."""
     folder = Path(folder)
     model.save_pretrained(folder)
@@ -39,7 +41,7 @@ def save_pretrained(model: SENModel, processor: TIPRProcessor, folder: str | Pat
     return folder
 
 
-def load_pretrained(source: str | Path, map_location: str | torch.device = "cpu") -> tuple[SENModel, TIPRProcessor]:
+def load_pretrained(source: str | Path, map_location: str | torch.device = "cpu") -> tuple[TIPRModel, TIPRProcessor]:
     """``(model, processor)`` from a pretrained folder, a hub id or a ``TIPRModule`` ``.ckpt`` file.
 
     The model is in eval mode on ``map_location``.
@@ -47,10 +49,10 @@ def load_pretrained(source: str | Path, map_location: str | torch.device = "cpu"
     path = Path(source).expanduser()
     if path.is_file():
         return load_lightning_checkpoint(path, map_location)
-    return SENModel.from_pretrained(source, map_location=map_location), TIPRProcessor.from_pretrained(source)
+    return TIPRModel.from_pretrained(source, map_location=map_location), TIPRProcessor.from_pretrained(source)
 
 
-def load_lightning_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[SENModel, TIPRProcessor]:
+def load_lightning_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[TIPRModel, TIPRProcessor]:
     """The network and processor of a ``TIPRModule`` checkpoint, without Lightning."""
     path = Path(path)
     try:
@@ -59,49 +61,48 @@ def load_lightning_checkpoint(path: str | Path, map_location: str | torch.device
         raise ValueError(f"{path} is not a loadable tipr checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
         raise ValueError(f"{path} is not a Lightning checkpoint of TIPRModule (no 'state_dict')")
-    config = checkpoint_config(checkpoint, str(path))
+    encoder, config = checkpoint_config(checkpoint, str(path))
+    from tipr.methods import spec_of_config
+
     state = {k[len(NETWORK_PREFIX):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(NETWORK_PREFIX)}
-    model = SENModel(config)
+    model = spec_of_config(config).model_class(encoder, config)
     load_state(model, state, str(path))
     processor_info = checkpoint.get(CHECKPOINT_PROCESSOR_KEY) or {}
     processor = TIPRProcessor.from_payload(
-        processor_info.get("tokenizer_files"), config.image_size, config.text_length
+        processor_info.get("tokenizer_files"), encoder.image_size, encoder.text_length
     )
     return model.to(map_location).eval(), processor
 
 
-def checkpoint_config(checkpoint: Mapping[str, Any], source: str) -> SENConfig:
-    """The :class:`SENConfig` a ``TIPRModule`` checkpoint stored (or, for a 0.1 checkpoint, its hyperparameters)."""
+def checkpoint_config(checkpoint: Mapping[str, Any], source: str) -> tuple[EncoderConfig, MethodConfig]:
+    """The configs a ``TIPRModule`` checkpoint stored (tipr 0.2: its SEN config, or for 0.1 its hyperparameters)."""
     if CHECKPOINT_CONFIG_KEY in checkpoint:
-        return SENConfig.from_dict(checkpoint[CHECKPOINT_CONFIG_KEY], source=source)
+        return parse_config(checkpoint[CHECKPOINT_CONFIG_KEY], source)
+    if LEGACY_CONFIG_KEY in checkpoint:
+        return parse_config(checkpoint[LEGACY_CONFIG_KEY], source)
     hp = checkpoint.get("hyper_parameters") or {}
     if not isinstance(hp.get("backbone"), Mapping):
-        raise ValueError(f"{source}: neither a SEN config nor hyperparameters with a backbone config")
+        raise ValueError(f"{source}: neither a tipr model config nor hyperparameters with a backbone config")
+    # tipr 0.1: flat SEN hyperparameters.
     old = {"tri_weight": "triplet_weight", "tir_weight": "restoration_weight", "tir_depth": "restoration_depth",
            "tir_residual": "restoration_residual", "tir_text_padding_mask": "restoration_text_padding_mask"}
     hp = {old.get(k, k): v for k, v in hp.items()}
-    return SENConfig(clip=dict(hp["backbone"]), num_classes=hp["num_classes"], **config_settings(hp))
-
-
-def config_settings(hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """The :class:`SENConfig` fields (other than ``clip`` and ``num_classes``) of ``TIPRModule``'s flat arguments."""
-    settings = {
-        "loss_weights": {name: float(hparams.get(f"{name}_weight", 0.0)) for name in
-                         ("sdm", "id", "triplet", "restoration", "itc")},
-    }
+    flat = {"format": "tipr-sen", "clip": dict(hp["backbone"]), "num_classes": hp["num_classes"],
+            "loss_weights": {name: float(hp.get(f"{name}_weight", 0.0))
+                             for name in ("sdm", "id", "triplet", "restoration", "itc")}}
     for name in ("image_size", "text_length", "temperature", "margin", "mask_ratio", "restoration_depth",
                  "restoration_residual", "restoration_text_padding_mask", "position_interpolation",
                  "reference_fp16_weights"):
-        if name in hparams:
-            settings[name] = hparams[name]
-    return settings
+        if name in hp:
+            flat[name] = hp[name]
+    return parse_config(flat, source)
 
 
-def push_to_hub(model: SENModel, processor: TIPRProcessor, repo_id: str, *, private: bool | None = None,
-                token: str | None = None, commit_message: str = "Upload SEN model and processor") -> str:
+def push_to_hub(model: TIPRModel, processor: TIPRProcessor, repo_id: str, *, private: bool | None = None,
+                token: str | None = None, commit_message: str = "Upload tipr model and processor") -> str:
     """Upload a pretrained folder (model and processor) to the Hugging Face hub; returns the commit URL.
 
-    ``SENModel.push_to_hub`` uploads the model alone; this uploads what
+    ``model.push_to_hub`` uploads the model alone; this uploads what
     ``load_pretrained(repo_id)`` needs.
     """
     import tempfile
@@ -113,25 +114,3 @@ def push_to_hub(model: SENModel, processor: TIPRProcessor, repo_id: str, *, priv
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(model, processor, tmp)
         return str(api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message))
-
-
-def start_from_pretrained(source: str, num_classes: int, settings: dict[str, Any]) -> SENModel:
-    """A network with ``settings`` around the CLIP of a pretrained SEN model, with its ID classifier
-    and TIR head where their shapes fit (else fresh)."""
-    pretrained = SENModel.from_pretrained(source)
-    expected = (pretrained.config.image_size, pretrained.config.text_length)
-    if (tuple(settings["image_size"]), settings["text_length"]) != expected:
-        raise ValueError(
-            f"model.init_from={source!r} was built for image_size {expected[0]} and text_length {expected[1]}; "
-            f"got {tuple(settings['image_size'])} and {settings['text_length']} (set data.image_size / data.text_length)"
-        )
-    # fp32 first: the network casts itself to the reference's fp16 when its own settings say so.
-    network = SENModel.from_backbone(pretrained.clip.float(), num_classes, **settings).train()
-    own = network.state_dict()
-    heads = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("clip.")}
-    fitting = {k: v for k, v in heads.items() if k in own and own[k].shape == v.shape}
-    for prefix in ("classifier.", "restoration."):  # a head is taken whole or not at all
-        mine = {k for k in own if k.startswith(prefix)}
-        if mine and mine <= set(fitting):
-            network.load_state_dict({k: fitting[k] for k in mine}, strict=False)
-    return network

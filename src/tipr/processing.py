@@ -4,7 +4,7 @@ In the manner of ``CLIPProcessor``::
 
     processor = TIPRProcessor.from_pretrained(folder)
     inputs = processor(text=["a man in a red jacket"], images=[Image.open("a.jpg")])
-    inputs["token_ids"]     # (1, text_length) int64, zero-padded CLIP ids
+    inputs["input_ids"]     # (1, text_length) int64, zero-padded CLIP ids
     inputs["pixel_values"]  # (1, 3, H, W) float32, resized and CLIP-normalised
 
 A pretrained folder holds the tokenizer's files and ``processor_config.json``;
@@ -49,8 +49,8 @@ class TIPRProcessor:
 
     @classmethod
     def for_model(cls, model, tokenizer=None) -> TIPRProcessor:
-        """The processor of a :class:`~tipr.model.SENModel` (its image size and text length)."""
-        return cls(tokenizer, model.config.image_size, model.config.text_length)
+        """The processor of a :class:`~tipr.model.TIPRModel` (its image size and text length)."""
+        return cls(tokenizer, model.encoder_config.image_size, model.encoder_config.text_length)
 
     def __repr__(self) -> str:
         return (f"TIPRProcessor(tokenizer={type(self.tokenizer).__name__}({len(self.tokenizer)} ids), "
@@ -81,14 +81,14 @@ class TIPRProcessor:
         return torch.stack(pixels)
 
     def __call__(self, text: Sequence[str] | None = None, images: Sequence[Any] | None = None) -> dict[str, torch.Tensor]:
-        """``{"token_ids": ...}`` for ``text``, ``{"pixel_values": ...}`` for ``images``, or both."""
+        """``{"input_ids": ...}`` for ``text``, ``{"pixel_values": ...}`` for ``images``, or both."""
         if text is None and images is None:
             raise ValueError("TIPRProcessor needs text=[...] or images=[...] (or both)")
         if isinstance(text, str):
             text = [text]
         out: dict[str, torch.Tensor] = {}
         if text is not None:
-            out["token_ids"] = self.tokenize(text)
+            out["input_ids"] = self.tokenize(text)
         if images is not None:
             out["pixel_values"] = self.preprocess(images if isinstance(images, (list, tuple)) else [images])
         return out
@@ -109,7 +109,7 @@ class TIPRProcessor:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, **hub_kwargs: Any) -> TIPRProcessor:
         """The processor saved in a pretrained folder (or a hub id; ``hub_kwargs`` as for
-        :meth:`tipr.model.SENModel.from_pretrained`)."""
+        :meth:`tipr.model.TIPRModel.from_pretrained`)."""
         files = pretrained_files(name_or_path, (PROCESSOR_FILE, *SAVED_TOKENIZER_FILES), **hub_kwargs)
         path = files[PROCESSOR_FILE]
         try:

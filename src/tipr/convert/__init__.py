@@ -1,20 +1,20 @@
-"""Import checkpoints trained with the public IRRA/SEN code, and plain OpenAI CLIP weights.
+"""Import checkpoints trained with the authors' code of IRRA and SEN, and plain OpenAI CLIP weights.
 
-An IRRA/SEN ``best.pth`` (``{"model": state_dict}``: the CLIP backbone in
-OpenAI's layout under ``base_model.``, the ID classifier, SEN's text-guided
-restoration head) or an OpenAI CLIP file becomes a :class:`tipr.model.SENModel`
-with the same weights; every shape (widths, layers, patch, vocabulary, context,
-TIR depth) is read off the tensors.
+An IRRA or SEN ``best.pth`` (``{"model": state_dict}``: the CLIP backbone in
+OpenAI's layout under ``base_model.``, the ID classifier, the method's heads)
+or an OpenAI CLIP file becomes a tipr model of that method (``IRRAModel``,
+``SENModel``) with the same weights; every shape (widths, layers, patch,
+vocabulary, context, head depths) is read off the tensors.
 
 - :mod:`tipr.convert.openai_clip`: the OpenAI -> Hugging Face ``CLIPModel``
   mapping and config inference (pure: state dict in, state dict out);
-- :mod:`tipr.convert.tir`: SEN's TIR head -> ``SENModel.restoration``;
-- :mod:`tipr.convert.reference`: reading the files and building the model,
-  with a :class:`ConversionReport` of the heads left freshly initialised and
-  the source keys not used;
+- each method's ``tipr/methods/<name>/convert.py``: its heads' table;
+- :mod:`tipr.convert.reference`: reading the files, telling the method and
+  building the model, with a :class:`ConversionReport` of the heads left
+  freshly initialised and the source keys not used;
 - :mod:`tipr.convert.command`: ``tipr convert``, which writes a pretrained
   folder (``config.json``, ``model.safetensors``, the tokenizer,
-  ``processor_config.json``) that ``SENModel.from_pretrained``,
+  ``processor_config.json``) that ``TIPRModel.from_pretrained``,
   ``TIPRProcessor.from_pretrained``, :func:`tipr.pretrained.load_pretrained`
   and ``tipr index`` / ``tipr search --model`` read offline::
 
@@ -35,15 +35,20 @@ Nothing here imports Lightning.
 """
 
 from tipr.convert.openai_clip import ConvertedCLIP, convert_openai_clip_state_dict, infer_clip_config
-from tipr.convert.reference import REFERENCE_PREFIX, ConversionReport, load_reference_checkpoint, read_state_dict
-from tipr.convert.tir import convert_tir_state_dict
+from tipr.convert.reference import (
+    REFERENCE_PREFIX,
+    ConversionReport,
+    HeadConversion,
+    load_reference_checkpoint,
+    read_state_dict,
+)
 
 __all__ = [
     "REFERENCE_PREFIX",
     "ConversionReport",
     "ConvertedCLIP",
+    "HeadConversion",
     "convert_openai_clip_state_dict",
-    "convert_tir_state_dict",
     "infer_clip_config",
     "load_reference_checkpoint",
     "read_state_dict",

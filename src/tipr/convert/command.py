@@ -25,11 +25,12 @@ def convert(
     image_size: tuple[PositiveInt, PositiveInt] = (384, 128),
     text_length: PositiveInt | None = None,
     num_classes: PositiveInt | None = None,
+    method: str | None = None,
 ) -> int:
     """Turn a checkpoint of the public IRRA/SEN code or OpenAI CLIP weights into a tipr pretrained folder.
 
     The folder (config.json, model.safetensors, the tokenizer, processor_config.json)
-    is what SENModel.from_pretrained / TIPRProcessor.from_pretrained and 'tipr index' /
+    is what TIPRModel.from_pretrained / TIPRProcessor.from_pretrained and 'tipr index' /
     'tipr search --model' read, offline. Prints the heads left freshly initialised
     and the source keys not used. Exit codes: 0 written; 1 a file or value that does
     not fit (nothing written); 2 --out would overwrite --checkpoint.
@@ -42,6 +43,9 @@ def convert(
             or be square (then resized).
         text_length: token positions per caption (default: the checkpoint's text context).
         num_classes: ID classifier size (default: the checkpoint classifier's; required when it has none).
+        method: the method to build (sen, irra); default: the one whose heads the checkpoint holds
+            (OpenAI CLIP: sen). A method that builds on the file's (sen from an IRRA file) starts
+            its own heads fresh.
     """
     from tipr.pretrained import save_pretrained
     from tipr.processing import TIPRProcessor
@@ -53,7 +57,7 @@ def convert(
     _check_out(folder, out)
     try:
         model, report = load_reference_checkpoint(
-            source, image_size=tuple(image_size), text_length=text_length, num_classes=num_classes
+            source, image_size=tuple(image_size), text_length=text_length, num_classes=num_classes, method=method
         )
     except (OSError, ValueError) as e:  # these start with the file's path
         raise type(e)(f"--checkpoint {e}") from e
@@ -69,7 +73,8 @@ def convert(
             f"  note: the model's vocabulary has {model.vocab_size} ids, the CLIP tokenizer written with it "
             f"{tokens}: put the tokenizer it was trained with (tokenizer.json, tokenizer_config.json) into {out}"
         )
-    print(f"wrote {out} (SENModel.from_pretrained / TIPRProcessor.from_pretrained, or tipr index/search --model {out})")
+    print(f"wrote {out}: {type(model).__name__} (TIPRModel.from_pretrained / TIPRProcessor.from_pretrained, "
+          f"or tipr index/search --model {out})")
     return 0
 
 

@@ -52,6 +52,22 @@ from tipr.model.backbone import resize_position_embedding
 
 #: OpenAI CLIP has ``width // 64`` attention heads; the weights do not record it.
 OPENAI_HEAD_WIDTH = 64
+#: Inside a residual block of a head: an OpenAI block -> a timm ``Block`` (the same q, k, v row
+#: order), as :func:`tipr.model.blocks.clip_blocks` builds it.
+OPENAI_TO_TIMM_BLOCK = {
+    "attn.in_proj_weight": "attn.qkv.weight",
+    "attn.in_proj_bias": "attn.qkv.bias",
+    "attn.out_proj.weight": "attn.proj.weight",
+    "attn.out_proj.bias": "attn.proj.bias",
+    "ln_1.weight": "norm1.weight",
+    "ln_1.bias": "norm1.bias",
+    "mlp.c_fc.weight": "mlp.fc1.weight",
+    "mlp.c_fc.bias": "mlp.fc1.bias",
+    "mlp.c_proj.weight": "mlp.fc2.weight",
+    "mlp.c_proj.bias": "mlp.fc2.bias",
+    "ln_2.weight": "norm2.weight",
+    "ln_2.bias": "norm2.bias",
+}
 
 _VISION_BLOCKS = "visual.transformer.resblocks."
 _TEXT_BLOCKS = "transformer.resblocks."

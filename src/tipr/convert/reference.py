@@ -1,13 +1,14 @@
-"""Reading IRRA/SEN checkpoints and OpenAI CLIP files into a :class:`tipr.model.SENModel`.
+"""Reading checkpoints of the methods' authors' code and OpenAI CLIP files into a tipr model.
 
 The IRRA code (and SEN, built on it) saves ``torch.save({"model": state_dict,
 "optimizer": ..., "epoch": ...})``; its CLIP backbone sits under ``base_model.``
 in OpenAI's layout (:mod:`tipr.convert.openai_clip`), next to the ID classifier
-(``classifier.*``), SEN's TIR head (:mod:`tipr.convert.tir`) and heads tipr has
-no counterpart for (IRRA's MLM cross-modal modules, SEN's unused
-``cross_attn_TextImage``, ``cross_attn_Image``, ``norm_3``, ``norm_5``). OpenAI's
-``clip`` package (TorchScript archives included) and ``open_clip`` use the
-backbone's layout without the prefix.
+(``classifier.*``) and the method's own heads. The method is told by its keys
+(each method's ``reference_markers``, :func:`tipr.methods.detect_reference_method`),
+and the method's conversion table maps its heads (``tipr/methods/<name>/convert.py``).
+OpenAI's ``clip`` package (TorchScript archives included) and ``open_clip`` use
+the backbone's layout without the prefix; such a file has no heads and becomes
+the ``method`` asked for (SEN by default) with fresh heads.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,7 @@ from tipr.convert.openai_clip import (
     infer_clip_config,
     mismatch_message,
 )
-from tipr.convert.tir import TIR_TABLE, convert_tir_state_dict, tir_depth, tir_mismatch, tir_problems
-from tipr.model.config import SENConfig
-from tipr.model.sen import SENModel
+from tipr.model.config import EncoderConfig
 
 #: Where IRRA/SEN checkpoints keep the CLIP backbone (their ``self.base_model``).
 REFERENCE_PREFIX = "base_model."
@@ -40,8 +39,20 @@ _EXPECTED_FILE = (
     "(keys such as 'visual.conv1.weight', optionally under 'base_model.' or 'module.') or an OpenAI CLIP "
     "TorchScript archive"
 )
-#: :class:`SENConfig` fields the loader sets itself (the others are ``settings``).
+#: :class:`EncoderConfig` fields the loader sets itself (the others may be ``settings``).
 _OWN_FIELDS = ("clip", "num_classes", "image_size", "text_length")
+#: The method of a file without heads (a bare CLIP) when none is asked for.
+DEFAULT_METHOD = "sen"
+
+
+@dataclass
+class HeadConversion:
+    """What a method's ``convert_heads`` did: modules loaded (for people), modules left fresh
+    (name -> why), and the source keys it used."""
+
+    loaded: list[str] = field(default_factory=list)
+    reinitialised: dict[str, str] = field(default_factory=dict)
+    used: set[str] = field(default_factory=set)
 
 
 # ------------------------------------------------------------------- files
@@ -181,9 +192,10 @@ def load_reference_checkpoint(
     image_size: tuple[int, int] = (384, 128),
     text_length: int | None = None,
     num_classes: int | None = None,
+    method: str | None = None,
     **settings: Any,
-) -> tuple[SENModel, ConversionReport]:
-    """A :class:`~tipr.model.SENModel` carrying the weights of an IRRA/SEN checkpoint or OpenAI CLIP, and its report.
+):
+    """A tipr model carrying the weights of an authors' (IRRA, SEN) checkpoint or OpenAI CLIP, and its report.
 
     Args:
         path: ``torch.save`` file: ``{"model": state dict}`` with the CLIP under
@@ -194,41 +206,57 @@ def load_reference_checkpoint(
         text_length: token positions per caption; the source's context (77) when None.
         num_classes: ID classifier size; the source classifier's when None. A
             source classifier of another size is left out (re-initialised).
-        settings: the other :class:`~tipr.model.SENConfig` fields (``loss_weights``,
-            ``temperature``, ...). ``restoration_depth`` defaults to the number of TIR
-            blocks in a SEN source; another depth leaves its TIR head out (re-initialised).
+        method: the method to build (``"sen"``, ``"irra"``); None tells it from the
+            file's heads (a bare CLIP: SEN). A method that extends the file's (SEN from an
+            IRRA file) takes its CLIP and classifier and starts its own heads fresh; any
+            other method's heads are an error.
+        settings: :class:`~tipr.model.EncoderConfig` fields (``position_interpolation``,
+            ``reference_fp16_weights``) and the method config's fields (``temperature``,
+            ...). Head shapes (SEN's ``restoration_depth``, IRRA's ``cross_modal_depth``)
+            default to the file's; another value leaves that head out (re-initialised).
 
     Returns:
         ``(model, report)``: the model (train mode, fp32 unless ``reference_fp16_weights``)
         has the inferred ``CLIPConfig`` in its config, so ``model.save_pretrained``
-        writes a folder that reloads offline; a SEN checkpoint's TIR head is loaded
-        too. Heads without matching weights (none for a full SEN checkpoint) keep
-        their fresh initialisation, which the :class:`ConversionReport` names with
-        the unused source keys.
+        writes a folder that reloads offline; the method's heads are loaded too. Heads
+        without matching weights keep their fresh initialisation, which the
+        :class:`ConversionReport` names with the unused source keys.
 
     Raises:
         FileNotFoundError / ValueError naming ``path``; a ``ValueError`` for tensors
         that do not fit lists every one of them with expected and found shapes.
-        TypeError for a ``settings`` name that is not a ``SENConfig`` field.
+        TypeError for a ``settings`` name that is neither an encoder nor a method field.
     """
-    allowed = {f.name for f in fields(SENConfig)} - set(_OWN_FIELDS)
-    unknown = sorted(set(settings) - allowed)
-    if unknown:
-        raise TypeError(
-            f"load_reference_checkpoint got unknown setting(s) {unknown}; expected some of {sorted(allowed)}"
-        )
+    from tipr.methods import detect_reference_method, method_spec
+
     path = Path(path)
     image_size = (int(image_size[0]), int(image_size[1]))
     state = read_state_dict(path)
+    try:
+        detected = detect_reference_method(state)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+    spec = method_spec(method or detected or DEFAULT_METHOD, source="method")
+    if method is not None and detected is not None and detected != method and detected not in spec.extends:
+        raise ValueError(f"{path}: holds the heads of {detected!r}, which {method!r} does not build on "
+                         f"(method={method!r}); expected method={detected!r}")
+    encoder_fields = {f.name for f in fields(EncoderConfig)} - set(_OWN_FIELDS)
+    method_fields = {f.name for f in fields(spec.config_class)}
+    unknown = sorted(set(settings) - encoder_fields - method_fields)
+    if unknown:
+        raise TypeError(f"load_reference_checkpoint got unknown setting(s) {unknown}; expected some of "
+                        f"{sorted(encoder_fields | method_fields)}")
+    encoder_settings = {k: v for k, v in settings.items() if k in encoder_fields}
+    method_settings = {k: v for k, v in settings.items() if k in method_fields}
     prefix = REFERENCE_PREFIX if any(key.startswith(REFERENCE_PREFIX) for key in state) else ""
     try:
         config, grid = infer_clip_config(state, image_size, prefix)
         problems = clip_shape_problems(state, config, grid, image_size, prefix)
         problems += _classifier_problems(state, config["projection_dim"])
-        depth = tir_depth(state)
-        if depth is not None:
-            problems += tir_problems(state, config, grid, depth)
-            settings.setdefault("restoration_depth", depth)  # the caller's, else the source's
+        read, head_problems = spec.reference_settings(state, config, grid)
+        problems += head_problems
+        for key, value in read.items():
+            method_settings.setdefault(key, value)  # the caller's, else the source's
         if problems:
             raise ValueError(mismatch_message(problems, config, grid))
         source_classes = state["classifier.weight"].shape[0] if "classifier.weight" in state else None
@@ -238,58 +266,54 @@ def load_reference_checkpoint(
                 "num_classes (--num_classes), the training identities of the data it will be trained on"
             )
         num_classes = int(num_classes if num_classes is not None else source_classes)
-        interpolation = settings.get("position_interpolation", "bilinear")
+        interpolation = encoder_settings.get("position_interpolation", "bilinear")
         clip = convert_openai_clip_state_dict(state, image_size, prefix, interpolation=interpolation)
         context = clip.config["text_config"]["max_position_embeddings"]
-        model = SENModel(SENConfig(
+        encoder = EncoderConfig(
             clip=clip.config,
             num_classes=num_classes,
             image_size=image_size,
             text_length=context if text_length is None else int(text_length),
-            **settings,
-        ))
+            **encoder_settings,
+        )
+        model = spec.model_class(encoder, spec.config_class(**method_settings))
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from err
 
     weights = dict(clip.state_dict)
     weights.setdefault("logit_scale", model.clip.logit_scale.detach().clone())
     model.clip.load_state_dict(weights)
-    loaded = [f"CLIP backbone ({len(clip.state_dict)} tensors)"]
-    reinitialised: dict[str, str] = {}
-    used_outside: set[str] = set()
+    heads = HeadConversion(loaded=[f"CLIP backbone ({len(clip.state_dict)} tensors)"])
     if model.classifier is not None:
         if source_classes == num_classes:
             model.classifier.load_state_dict(
                 {"weight": state["classifier.weight"].float(), "bias": state["classifier.bias"].float()}
             )
-            used_outside |= {"classifier.weight", "classifier.bias"}
-            loaded.append(f"ID classifier ({num_classes} classes)")
+            heads.used |= {"classifier.weight", "classifier.bias"}
+            heads.loaded.append(f"ID classifier ({num_classes} classes)")
         elif source_classes is None:
-            reinitialised["classifier"] = f"ID classifier: the source has none; {num_classes} classes"
+            heads.reinitialised["classifier"] = f"ID classifier: the source has none; {num_classes} classes"
         else:
-            reinitialised["classifier"] = (
+            heads.reinitialised["classifier"] = (
                 f"ID classifier: the source's has {source_classes} classes, num_classes is {num_classes}"
             )
-    if model.restoration is not None:
-        mismatch = None if depth is None else tir_mismatch(model.restoration, state, depth)
-        if depth is None:
-            reinitialised["restoration"] = "TIR head: no counterpart in the source"
-        elif mismatch is not None:
-            reinitialised["restoration"] = f"TIR head: {mismatch}"
-        else:
-            tir_weights, tir_used = convert_tir_state_dict(state, depth)
-            model.restoration.load_state_dict(tir_weights)
-            used_outside |= tir_used
-            loaded.append(f"TIR head ({depth} blocks; its {TIR_TABLE} equals tipr's fixed table)")
+    own = spec.convert_heads(state, model)
+    heads.loaded += own.loaded
+    heads.reinitialised.update(own.reinitialised)
+    heads.used |= own.used
     outside = [key for key in state if prefix and not key.startswith(prefix)]
-    unused = sorted(key for key in [*clip.unused, *outside] if key not in used_outside)
-    layout = f"IRRA/SEN checkpoint, CLIP under '{REFERENCE_PREFIX}'" if prefix else "OpenAI CLIP state dict"
+    unused = sorted(key for key in [*clip.unused, *outside] if key not in heads.used)
+    name = spec.config_class.display_name
+    source = spec.name if detected is None else method_spec(detected).config_class.display_name
+    layout = (f"{source} checkpoint, CLIP under '{REFERENCE_PREFIX}'" if prefix and detected else
+              f"checkpoint with CLIP under '{REFERENCE_PREFIX}' (as {name})" if prefix else
+              f"OpenAI CLIP state dict (as {name})")
     report = ConversionReport(
         source=path,
         layout=layout,
         backbone=describe_clip(config, grid),
-        loaded=loaded,
-        reinitialised=reinitialised,
+        loaded=heads.loaded,
+        reinitialised=heads.reinitialised,
         unused=unused,
         notes=clip.notes,
     )

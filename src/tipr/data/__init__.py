@@ -1,15 +1,14 @@
 """Data: benchmark readers, datasets, transforms, the identity sampler, the synthetic
-benchmark, caption pruning and ``TIPRDataModule``.
+benchmark and caption pruning (``TIPRDataModule``, the Lightning side, is in
+:mod:`tipr.training`).
 
 Names are imported lazily, so ``from tipr.data.pruning import prune_caption``
-does not pull in Lightning or torchvision.
+does not pull in torchvision. Nothing here imports Lightning.
 """
 
 from importlib import import_module
 
 _EXPORTS = {
-    "TIPRDataModule": "datamodule",
-    "DATASETS": "datamodule",
     "BENCHMARKS": "benchmarks",
     "PUBLIC_COUNTS": "benchmarks",
     "Benchmark": "benchmarks",

@@ -51,15 +51,20 @@ class TrainPairs(Dataset):
     With probability ``prune_prob`` a sample's caption is replaced by its pruned
     form (both tokenized beforehand).
 
+    ``sample_fields``: the method's per-sample fields (``(sample, generator) ->
+    {name: tensor}``, e.g. IRRA's masked caption), drawn after pruning from a
+    generator of the sample's own.
+
     Randomness: indexed by ``(i, seed)`` (what a sampler built with
-    ``sample_seeds=True`` yields), sample ``i``'s augmentation and pruning draw
-    come from ``seed`` alone, so they do not depend on the loader worker, the
+    ``sample_seeds=True`` yields), sample ``i``'s augmentation, pruning and
+    ``sample_fields`` draws come from ``seed`` alone, so they do not depend on the loader worker, the
     number of workers or processes, or where a resumed run restarted; the
     process's global random state is left as it was. Indexed by ``i`` alone, the
     draws use the loader worker's random state (seeded by Lightning's
     ``seed_everything(workers=True)``).
 
-    Returns ``{"images": float32 (3, H, W), "token_ids": int64 (L,), "pids": int64 label, "index": int}``.
+    Returns ``{"pixel_values": float32 (3, H, W), "input_ids": int64 (L,), "pids": int64 label, "index": int}``
+    and the ``sample_fields``.
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class TrainPairs(Dataset):
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         prune_prob: float = 0.0,
         seed: int = 0,
+        sample_fields: Callable[[dict, torch.Generator], dict] | None = None,
     ):
         n = len(caption_images)
         if tokens.shape[0] != n or labels.shape[0] != n:
@@ -89,6 +95,7 @@ class TrainPairs(Dataset):
         self.transform = transform
         self.prune_prob = float(prune_prob)
         self.seed = int(seed)
+        self.sample_fields = sample_fields
         self._rng: random.Random | None = None
         self._rng_seed: int | None = None
 
@@ -108,19 +115,26 @@ class TrainPairs(Dataset):
         if seed is None:
             if self.transform is not None:
                 image = self.transform(image)
-            pruned = self.prune_prob > 0 and self._generator().random() < self.prune_prob
+            rng = self._generator()
+            pruned = self.prune_prob > 0 and rng.random() < self.prune_prob
+            fields_seed = rng.getrandbits(63)
         else:
             if self.transform is not None:
                 with torch.random.fork_rng(devices=[]):  # torchvision draws from the global CPU generator
                     torch.manual_seed(seed)
                     image = self.transform(image)
-            pruned = self.prune_prob > 0 and random.Random(seed).random() < self.prune_prob
+            rng = random.Random(seed)
+            pruned = self.prune_prob > 0 and rng.random() < self.prune_prob
+            fields_seed = rng.getrandbits(63)
         tokens = (self.pruned_tokens if pruned else self.tokens)[i]
-        return {"images": image, "token_ids": tokens.long(), "pids": self.labels[i], "index": i}
+        sample = {"pixel_values": image, "input_ids": tokens.long(), "pids": self.labels[i], "index": i}
+        if self.sample_fields is not None:
+            sample.update(self.sample_fields(sample, torch.Generator().manual_seed(fields_seed)))
+        return sample
 
 
 class GalleryImages(Dataset):
-    """Evaluation gallery: ``{"images": float32 (3, H, W), "pids": int64, "index": int}``."""
+    """Evaluation gallery: ``{"pixel_values": float32 (3, H, W), "pids": int64, "index": int}``."""
 
     def __init__(self, image_dir: str | os.PathLike, image_paths: Sequence[str], pids, transform=None):
         if len(image_paths) != len(pids):
@@ -136,11 +150,11 @@ class GalleryImages(Dataset):
         image = self.images.load(i)
         if self.transform is not None:
             image = self.transform(image)
-        return {"images": image, "pids": self.pids[i], "index": i}
+        return {"pixel_values": image, "pids": self.pids[i], "index": i}
 
 
 class QueryCaptions(Dataset):
-    """Evaluation queries: ``{"token_ids": int64 (L,), "pids": int64, "index": int}``."""
+    """Evaluation queries: ``{"input_ids": int64 (L,), "pids": int64, "index": int}``."""
 
     def __init__(self, tokens: torch.Tensor, pids):
         if tokens.shape[0] != len(pids):
@@ -152,4 +166,4 @@ class QueryCaptions(Dataset):
         return len(self.pids)
 
     def __getitem__(self, i: int) -> dict:
-        return {"token_ids": self.tokens[i].long(), "pids": self.pids[i], "index": i}
+        return {"input_ids": self.tokens[i].long(), "pids": self.pids[i], "index": i}

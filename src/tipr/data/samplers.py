@@ -53,8 +53,9 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DistributedSampler
+
+from tipr.model.distributed import world_and_rank
 
 __all__ = [
     "GlobalBatchSampler",
@@ -228,12 +229,6 @@ def local_batch_size(batch_size: int, world_size: int) -> int:
     return batch_size // world_size
 
 
-def _default_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
 class GlobalBatchSampler(DistributedSampler):
     """Yields this rank's slice of every global batch of the epoch's plan, batch after batch.
 
@@ -262,7 +257,7 @@ class GlobalBatchSampler(DistributedSampler):
         seed: int = 0,
         sample_seeds: bool = False,
     ):
-        world, this = _default_world()
+        world, this = world_and_rank()
         num_replicas = world if num_replicas is None else int(num_replicas)
         rank = this if rank is None else int(rank)
         self.pids = np.asarray(pids.cpu() if isinstance(pids, torch.Tensor) else pids, dtype=np.int64).reshape(-1)

@@ -7,23 +7,23 @@ and the pruning code and tipr's version, so a change to any of them rebuilds it.
 Several processes that start together (two runs, the nodes of one DDP run on a
 shared file system) compute it once: the first takes a lock file beside it, the
 others wait and read what it wrote. The file is written under a temporary name
-and renamed into place, so it is never seen half-written.
+and renamed into place (:func:`tipr.files.atomic_write`), so it is never seen half-written.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from importlib import resources
 from pathlib import Path
 
 import torch
 from filelock import FileLock, Timeout
-from lightning.pytorch.utilities import rank_zero_info
+from tipr.messages import rank_zero_info
 
 from tipr.data.benchmarks import Benchmark
 from tipr.data.pruning import TAGGER_ASSET, prune_captions
+from tipr.files import atomic_write
 from tipr.tokenization import load_tokenizer, tokenize, tokenizer_files
 
 CACHE_VERSION = 2  # 2: the key includes tipr's version; entries are checked against the benchmark
@@ -122,9 +122,8 @@ def caption_tokens(
         if tokens is None:
             rank_zero_info(f"{name}: tokenizing and pruning captions once (cache: {path})")
             tokens = compute_tokens(benchmark, tokenizer, text_length)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            torch.save({"key": key, "splits": tokens}, tmp)
-            os.replace(tmp, path)
+            with atomic_write(path) as f:
+                torch.save({"key": key, "splits": tokens}, f)
     finally:
         lock.release()
     return tokens

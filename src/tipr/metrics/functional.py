@@ -190,7 +190,7 @@ def retrieval_ranks(
         workers = max(1, min(CPU_COUNT_THREADS or torch.get_num_threads(), -(-num_kept // count_rows)))
     counters = [RelevantRankCounter(num_gallery, count_rows, dtype, device) for _ in range(workers)]
 
-    def count(counter: _RelevantRankCounter, block: Tensor, block_begin: int, spans: list[tuple[int, int]]) -> None:
+    def count(counter: RelevantRankCounter, block: Tensor, block_begin: int, spans: list[tuple[int, int]]) -> None:
         """Ranks of the queries of each ``begin:end`` span (kept-query positions) from their rows of ``block``."""
         for begin, end in spans:
             sim = block[begin - block_begin : end - block_begin]  # contiguous rows

@@ -55,10 +55,10 @@ class RetrievalRanks(Metric):
 
         def validation_step(self, batch, batch_idx, dataloader_idx=0):
             if dataloader_idx == 0:
-                feats = self.network.encode_text(batch["token_ids"])
+                feats = self.network.encode_text(batch["input_ids"])
                 self.retrieval.update_queries(feats, batch["pids"], batch["index"])
             else:
-                feats = self.network.encode_image(batch["images"])
+                feats = self.network.encode_image(batch["pixel_values"])
                 self.retrieval.update_gallery(feats, batch["pids"], batch["index"])
 
         def on_validation_epoch_end(self):

@@ -1,31 +1,31 @@
-"""The SEN model: ``SENModel`` (plain PyTorch, ``from_pretrained``) and ``TIPRModule`` (Lightning).
+"""Shared building blocks of every method: the CLIP backbone, the base model, heads' blocks, losses.
 
-``TIPRModule`` is imported lazily so that ``import tipr.model`` for the network
-alone does not import Lightning.
+Nothing here knows a method: methods live in :mod:`tipr.methods` and build on
+:class:`TIPRModel`; training lives in :mod:`tipr.training`. Names are imported
+lazily, so ``import tipr.model.distributed`` does not pull in transformers.
 """
 
-from tipr.model.backbone import BACKBONE_PRESETS, build_clip, resize_position_embedding
-from tipr.model.config import LOSS_NAMES, REFERENCE_LOSS_WEIGHTS, SENConfig
-from tipr.model.restoration import TextGuidedRestoration
-from tipr.model.sen import SENModel, SENOutput
+from importlib import import_module
 
-__all__ = [
-    "BACKBONE_PRESETS",
-    "LOSS_NAMES",
-    "REFERENCE_LOSS_WEIGHTS",
-    "SENConfig",
-    "SENModel",
-    "SENOutput",
-    "TIPRModule",
-    "TextGuidedRestoration",
-    "build_clip",
-    "resize_position_embedding",
-]
+_EXPORTS = {
+    "BACKBONE_PRESETS": "backbone",
+    "build_clip": "backbone",
+    "resize_position_embedding": "backbone",
+    "EncoderConfig": "config",
+    "MethodConfig": "config",
+    "TIPRModel": "base",
+}
+
+__all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    if name == "TIPRModule":
-        from tipr.model.lightning_module import TIPRModule
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-        return TIPRModule
-    raise AttributeError(f"module 'tipr.model' has no attribute {name!r}")
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -216,7 +216,19 @@ class GridVisionEmbeddings(nn.Module):
             )
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        """``(B, C, H, W)`` pixels -> ``(B, 1 + N, D)`` tokens with positions (CLS first)."""
+        """``(B, C, H, W)`` pixels -> ``(B, 1 + N, D)`` tokens with positions (CLS first).
+
+        ``interpolate_pos_encoding`` (the ``CLIPVisionEmbeddings`` argument) must stay
+        False: the table is never resized in a forward pass (see :func:`set_image_size`).
+        """
+        if interpolate_pos_encoding:
+            gh, gw = self.grid_size
+            h, w = self.image_size
+            raise ValueError(
+                f"interpolate_pos_encoding=True is not supported: the position table was resized once, at "
+                f"construction, to the {gh}x{gw} patch grid of {h}x{w} images (patch size {self.patch_size}); "
+                f"for another input size call tipr.model.backbone.set_image_size(model, (H, W)) first"
+            )
         self.check_pixels(pixel_values)
         patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, D, H/p, W/p)
         patches = patches.flatten(2).transpose(1, 2)  # (B, N, D)

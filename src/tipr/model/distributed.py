@@ -16,7 +16,9 @@ the one-process gradient. Per-sample losses (ID, TIR) stay local means; DDP's
 average of equal-sized local means is the global mean.
 
 Without an initialised process group (or with one process) everything here is
-the identity, so plain one-process code pays nothing.
+the identity, so plain one-process code pays nothing. A model gathers only when
+asked (:attr:`tipr.model.TIPRModel.gather_across_ranks`, which the training
+module sets), never because a process group happens to exist.
 """
 
 from __future__ import annotations
@@ -24,12 +26,21 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_with_grad", "all_gather_no_grad", "world_size"]
+__all__ = ["all_gather_with_grad", "all_gather_no_grad", "world_and_rank", "world_size"]
+
+
+def world_and_rank() -> tuple[int, int]:
+    """``(processes, this process's rank)`` in the default group; ``(1, 0)`` without ``torch.distributed``.
+
+    The one place tipr asks (samplers, the data module, the gathers)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
 
 
 def world_size() -> int:
     """Processes in the default group (1 without ``torch.distributed``)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return world_and_rank()[0]
 
 
 class _AllGatherWithGrad(torch.autograd.Function):

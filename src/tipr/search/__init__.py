@@ -10,8 +10,9 @@ checkpoint (``.ckpt``); none of this imports Lightning. In a notebook::
     from tipr.pretrained import load_pretrained
     from tipr.search import GalleryIndex, build_index, contact_sheet, search
 
-    model, processor = load_pretrained("outputs/synthetic/.../pretrained")  # SENModel, TIPRProcessor
-    gallery = build_index(model, processor, "photos/", out="photos.gallery")  # later: GalleryIndex.load(...)
+    model, processor = load_pretrained("outputs/synthetic/.../pretrained")  # a TIPRModel (SENModel, IRRAModel...), TIPRProcessor
+    gallery, report = build_index(model, processor, "photos/", out="photos.gallery")  # later: GalleryIndex.load(...)
+    print(report.summary())  # counts, and every file that could not be read
     hits = search(model, processor, gallery, ["a woman in a red coat"], top_k=5)  # [[SearchHit(path, score, rank)]]
     contact_sheet(gallery, ["a woman in a red coat"], hits).save("hits.png")
 

@@ -26,7 +26,7 @@ from tipr.search.query import read_queries
 from tipr.search.query import search as rank_gallery
 
 if TYPE_CHECKING:
-    from tipr.model import SENModel
+    from tipr.model import TIPRModel
     from tipr.processing import TIPRProcessor
 
 __all__ = ["index", "load_model", "resolve_device", "search"]
@@ -45,7 +45,7 @@ def resolve_device(value: str | None) -> torch.device:
     return device
 
 
-def load_model(source: str, device: str | None = None) -> tuple[SENModel, TIPRProcessor]:
+def load_model(source: str, device: str | None = None) -> tuple[TIPRModel, TIPRProcessor]:
     """``--model``: ``(model, processor)`` in eval mode on ``--device``; errors name the option and the source."""
     from tipr.pretrained import load_pretrained
 
@@ -84,10 +84,10 @@ def index(
         device: where the model runs (default: cuda if available, else cpu).
     """
     network, processor = load_model(model, device)
-    gallery = build_index(
+    gallery, report = build_index(
         network, processor, images, out, checkpoint=model, batch_size=batch_size, num_workers=num_workers
     )
-    print(gallery.report.summary())
+    print(report.summary())
     if len(gallery) == 0:
         print(f"tipr index: error: no readable image ({', '.join(IMAGE_EXTENSIONS)}) under {images}; "
               f"{out} holds none", file=sys.stderr)

@@ -14,8 +14,8 @@ Gallery file format (version 1): one ``torch.save`` file, a dict that
 - ``"failed"``: ``dict[str, str]``, files under ``root`` that could not be read
   at the last run (relative path -> reason); they are not in ``paths``.
 
-It is written to a temporary file next to the target and renamed into place,
-so an interrupted run leaves the previous gallery intact.
+It is written to a temporary file next to the target and renamed into place
+(:func:`tipr.files.atomic_write`), so an interrupted run leaves the previous gallery intact.
 
 A gallery only makes sense with the model that encoded it, so it records the
 model's fingerprint (:func:`model_fingerprint`) and :meth:`GalleryIndex.check_model`
@@ -35,9 +35,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tipr.files import atomic_write
+
 if TYPE_CHECKING:
-    from tipr.model import SENModel
-    from tipr.search.indexing import IndexReport
+    from tipr.model import TIPRModel
 
 __all__ = ["GALLERY_FORMAT", "GALLERY_VERSION", "GalleryError", "GalleryIndex", "model_fingerprint", "model_identity"]
 
@@ -52,10 +53,10 @@ class GalleryError(ValueError):
 _fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def model_fingerprint(model: SENModel) -> str:
+def model_fingerprint(model: TIPRModel) -> str:
     """SHA-256 (hex) over the dual encoder's weights (names, dtypes, shapes, bytes), image size and text length.
 
-    Only ``model.clip`` counts: the ID classifier and the TIR head change no
+    Only ``model.clip`` counts: the ID classifier and the method's heads change no
     feature. Hashing runs at about 1.7 GB/s (0.4 s for ViT-B/16); the result is
     kept per model until a weight is replaced or changed in place (tensor
     version counters), so searching query after query does not hash again.
@@ -65,8 +66,8 @@ def model_fingerprint(model: SENModel) -> str:
     cached = _fingerprints.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]
-    size = [int(s) for s in model.config.image_size]
-    h = hashlib.sha256(f"tipr-model image_size={size} text_length={int(model.config.text_length)}\n".encode())
+    size = [int(s) for s in model.encoder_config.image_size]
+    h = hashlib.sha256(f"tipr-model image_size={size} text_length={int(model.encoder_config.text_length)}\n".encode())
     for name, tensor in state.items():
         t = tensor.detach().cpu().contiguous().reshape(-1)
         h.update(f"{name} {t.dtype} {tuple(tensor.shape)}\n".encode())
@@ -76,7 +77,7 @@ def model_fingerprint(model: SENModel) -> str:
     return fingerprint
 
 
-def model_identity(model: SENModel, checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
+def model_identity(model: TIPRModel, checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
     """What a gallery records about the model that encoded it (see the module docstring).
 
     ``checkpoint``: where the model came from; a local path is made absolute, a hub id kept as it is.
@@ -86,8 +87,8 @@ def model_identity(model: SENModel, checkpoint: str | os.PathLike | None = None)
     return {
         "fingerprint": model_fingerprint(model),
         "checkpoint": checkpoint,
-        "image_size": [int(s) for s in model.config.image_size],
-        "text_length": int(model.config.text_length),
+        "image_size": [int(s) for s in model.encoder_config.image_size],
+        "text_length": int(model.encoder_config.text_length),
         "embed_dim": int(model.embed_dim),
     }
 
@@ -104,8 +105,9 @@ class GalleryIndex:
     """L2-normalised features of the images under ``root``, with what incremental indexing needs.
 
     ``features`` ``(N, D)`` float32, row ``i`` for ``paths[i]`` (relative, POSIX).
-    ``file`` is where it was loaded from or saved to (for messages), ``report``
-    what the :func:`~tipr.search.build_index` call that returned it did; neither is saved.
+    ``file`` is where it was loaded from or saved to (for messages; not saved).
+    What one indexing run did is not part of the gallery: :func:`~tipr.search.build_index`
+    returns it beside the gallery, as an :class:`~tipr.search.IndexReport`.
     """
 
     root: str
@@ -116,7 +118,6 @@ class GalleryIndex:
     model: dict[str, Any]
     failed: dict[str, str] = field(default_factory=dict)
     file: str | None = None
-    report: IndexReport | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -131,7 +132,7 @@ class GalleryIndex:
         return replace(self, features=self.features.to(device))
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the gallery file (format in the module docstring) atomically: temp file + rename."""
+        """Write the gallery file (format in the module docstring) atomically (:func:`tipr.files.atomic_write`)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
@@ -145,12 +146,8 @@ class GalleryIndex:
             "model": dict(self.model),
             "failed": dict(self.failed),
         }
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_write(path) as f:
+            torch.save(payload, f)
         self.file = str(path)
 
     @classmethod

@@ -26,7 +26,7 @@ from tipr.data.datasets import read_image
 from tipr.search.gallery import GalleryError, GalleryIndex, model_identity
 
 if TYPE_CHECKING:
-    from tipr.model import SENModel
+    from tipr.model import TIPRModel
     from tipr.processing import TIPRProcessor
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFiles", "IndexReport", "build_index", "scan_images"]
@@ -102,7 +102,7 @@ def scan_images(folder: str | os.PathLike) -> tuple[dict[str, tuple[int, int]], 
 
 
 class ImageFiles(Dataset):
-    """Images to index: ``{"images": float32 (3, H, W), "error": str, "index": int}``.
+    """Images to index: ``{"pixel_values": float32 (3, H, W), "error": str, "index": int}``.
 
     ``transform`` turns a uint8 ``(3, h, w)`` image into model input of
     ``image_size`` (the processor's evaluation transform). A file that cannot be
@@ -125,11 +125,11 @@ class ImageFiles(Dataset):
         except Exception as e:  # read_image wraps decoder errors and names the file; the reason is its cause
             cause = e.__cause__ or e
             image, error = torch.zeros(3, *self.image_size), f"{type(cause).__name__}: {cause}"
-        return {"images": image, "error": error, "index": i}
+        return {"pixel_values": image, "error": error, "index": i}
 
 
 def build_index(
-    model: SENModel,
+    model: TIPRModel,
     processor: TIPRProcessor,
     folder: str | os.PathLike,
     out: str | os.PathLike | None = None,
@@ -138,16 +138,17 @@ def build_index(
     batch_size: int = 64,
     num_workers: int | None = None,
     progress: bool = True,
-) -> GalleryIndex:
-    """Encode the images under ``folder`` into a gallery, saved to ``out`` when given.
+) -> tuple[GalleryIndex, IndexReport]:
+    """Encode the images under ``folder`` into a gallery, saved to ``out`` when given: ``(gallery, report)``.
 
     If ``out`` already holds a gallery of the same model, only new and changed
     files are encoded and entries of vanished files dropped; a gallery of
     another model, or a file that is not a gallery, is an error (nothing is
     overwritten). ``checkpoint`` names where the model came from, in the gallery
     and in errors. Images are encoded on the model's device; ``num_workers``
-    loader processes decode them (default ``min(4, CPUs)``). The returned
-    gallery's ``report`` says what was done, including every file that could not be read.
+    loader processes decode them (default ``min(4, CPUs)``). The :class:`IndexReport`
+    says what this run did, including every file that could not be read (also in
+    ``gallery.failed``, which is saved); ``report.summary()`` is what ``tipr index`` prints.
     """
     if batch_size < 1 or (num_workers is not None and num_workers < 0):
         raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
@@ -190,7 +191,7 @@ def build_index(
                     if error:
                         failed[todo[i]] = error
                 if ok.any():
-                    images = batch["images"][ok].to(device, non_blocking=True)  # (b, 3, H, W)
+                    images = batch["pixel_values"][ok].to(device, non_blocking=True)  # (b, 3, H, W)
                     with torch.inference_mode():
                         encoded = torch.nn.functional.normalize(model.encode_image(images).float(), dim=-1)
                     features[batch["index"][ok]] = encoded.cpu()
@@ -212,17 +213,17 @@ def build_index(
         mtimes=stats[:, 1].clone(),
         model=identity,
         failed=failed,
-        report=IndexReport(
-            folder=root,
-            found=len(files),
-            encoded=encoded,
-            reencoded=sum(path in old_rows for path in encoded),
-            kept=len(kept),
-            dropped=dropped,
-            failed=dict(failed),
-            previous_root=previous.root if previous is not None and previous.root != root else None,
-        ),
+    )
+    report = IndexReport(
+        folder=root,
+        found=len(files),
+        encoded=encoded,
+        reencoded=sum(path in old_rows for path in encoded),
+        kept=len(kept),
+        dropped=dropped,
+        failed=dict(failed),
+        previous_root=previous.root if previous is not None and previous.root != root else None,
     )
     if out is not None:
         gallery.save(out)
-    return gallery
+    return gallery, report

@@ -13,7 +13,7 @@ import torch
 from tipr.search.gallery import GalleryError, GalleryIndex, model_identity
 
 if TYPE_CHECKING:
-    from tipr.model import SENModel
+    from tipr.model import TIPRModel
     from tipr.processing import TIPRProcessor
 
 __all__ = ["SearchHit", "read_queries", "search"]
@@ -29,7 +29,7 @@ class SearchHit:
 
 
 def search(
-    model: SENModel,
+    model: TIPRModel,
     processor: TIPRProcessor,
     gallery: GalleryIndex,
     queries: str | Sequence[str],

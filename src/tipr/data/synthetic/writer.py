@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -18,6 +16,7 @@ from tipr.data.benchmarks import BENCHMARKS, read_benchmark_folder
 from tipr.data.synthetic.attributes import distinct_persons
 from tipr.data.synthetic.captions import describe
 from tipr.data.synthetic.painters import draw_person
+from tipr.files import atomic_folder
 
 __all__ = ["GENERATOR_VERSION", "META_FILE", "SyntheticConfig", "ensure_synthetic", "generate_synthetic", "save_sample_grid"]
 
@@ -110,38 +109,34 @@ def ensure_synthetic(out_dir: str | os.PathLike, config: SyntheticConfig | None 
 
     A folder generated with another config (its ``synthetic.json`` differs) is
     replaced; a folder that exists without ``synthetic.json`` is not ours and is
-    left alone (error). Generation goes to a temporary folder renamed into place,
-    so concurrent processes never read a half-written dataset.
+    left alone (error). Generation goes to a temporary folder renamed into place
+    (:func:`tipr.files.atomic_folder`), so concurrent processes never read a half-written dataset.
     """
     config = config or SyntheticConfig()
     out = Path(out_dir)
     meta = out / META_FILE
     if meta.is_file():
-        try:
-            if json.loads(meta.read_text()) == config.meta():
-                return out
-        except json.JSONDecodeError:
-            pass
+        if _generated_with(meta, config):
+            return out
     elif out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists but holds no {META_FILE}: not a tipr synthetic benchmark; choose another root")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        generate_synthetic(tmp, config)
-        old = None
-        if out.exists():
-            old = out.parent / f"{tmp.name}-old"
-            out.rename(old)
-        try:
-            tmp.rename(out)
-        except OSError:
-            if not (meta.is_file() and json.loads(meta.read_text()) == config.meta()):
-                raise  # someone else put something else there
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(out) as partial:
+            generate_synthetic(partial, config)
+    except OSError:
+        if _generated_with(meta, config):  # another process generated the same benchmark meanwhile
+            return out
+        raise
     return out
+
+
+def _generated_with(meta: Path, config: SyntheticConfig) -> bool:
+    """Whether ``meta`` (a ``synthetic.json``) records ``config``; False when it cannot be read as JSON."""
+    try:
+        return json.loads(meta.read_text()) == config.meta()
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8, not JSON
+        return False
 
 
 def save_sample_grid(folder: str | os.PathLike, png: str | os.PathLike, *, num_ids: int = 8, images_per_id: int = 2, split: str = "train",

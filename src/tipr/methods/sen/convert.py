@@ -1,7 +1,7 @@
-"""SEN's text-guided restoration (TIR) head -> ``SENModel.restoration``.
+"""SEN's checkpoints from the authors' code: the TIR head -> ``SENModel.restoration``.
 
 SEN keeps the head at the top level of its state dict, every tensor ``E`` wide
-(the CLIP embedding). It maps onto :class:`tipr.model.restoration.TextGuidedRestoration`:
+(the CLIP embedding). It maps onto :class:`tipr.methods.sen.restoration.TextGuidedRestoration`:
 
 =============================================  ================================================
 SEN                                            tipr ``restoration.``
@@ -22,7 +22,7 @@ SEN                                            tipr ``restoration.``
 
 The depth is the number of blocks in the file, the heads ``E // 64`` as the
 reference's. ``decoder_pos_embed`` is the reference's fixed sine-cosine table;
-tipr builds the same table (:func:`tipr.model.restoration.sincos_position_table`)
+tipr builds the same table (:func:`tipr.methods.sen.restoration.sincos_position_table`)
 as a non-persistent buffer, so the conversion checks that the two agree (within
 1e-4) instead of copying it, and a converted model reloads with the right table.
 """
@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tipr.convert.openai_clip import OPENAI_HEAD_WIDTH, block_shapes, num_blocks
+from tipr.convert.openai_clip import OPENAI_HEAD_WIDTH, OPENAI_TO_TIMM_BLOCK, block_shapes, num_blocks
+from tipr.convert.reference import HeadConversion
 
 #: SEN's TIR head outside its blocks -> ``TextGuidedRestoration`` names.
 TIR_KEYS = {
@@ -63,21 +64,6 @@ TIR_KEYS = {
 TIR_TABLE = "decoder_pos_embed"
 TIR_BLOCKS = "cross_modal_transformer_mae.resblocks."
 _TIR_LAYERS = "transformer."
-#: Inside a TIR block: an OpenAI residual block -> a timm ``Block`` (the same q, k, v row order).
-_TIR_BLOCK_KEYS = {
-    "attn.in_proj_weight": "attn.qkv.weight",
-    "attn.in_proj_bias": "attn.qkv.bias",
-    "attn.out_proj.weight": "attn.proj.weight",
-    "attn.out_proj.bias": "attn.proj.bias",
-    "ln_1.weight": "norm1.weight",
-    "ln_1.bias": "norm1.bias",
-    "mlp.c_fc.weight": "mlp.fc1.weight",
-    "mlp.c_fc.bias": "mlp.fc1.bias",
-    "mlp.c_proj.weight": "mlp.fc2.weight",
-    "mlp.c_proj.bias": "mlp.fc2.bias",
-    "ln_2.weight": "norm2.weight",
-    "ln_2.bias": "norm2.bias",
-}
 #: A table equal to tipr's within this is the same fixed table (a different one differs by O(1)).
 _TABLE_ATOL = 1e-4
 #: The top-level modules of SEN's TIR head.
@@ -142,7 +128,7 @@ def convert_tir_state_dict(
     weights = {new: state_dict[old].float() for old, new in TIR_KEYS.items()}
     used = {*TIR_KEYS, TIR_TABLE}
     for i in range(depth):
-        for old, new in _TIR_BLOCK_KEYS.items():
+        for old, new in OPENAI_TO_TIMM_BLOCK.items():
             weights[f"{_TIR_LAYERS}{i}.{new}"] = state_dict[f"{TIR_BLOCKS}{i}.{old}"].float()
             used.add(f"{TIR_BLOCKS}{i}.{old}")
     return weights, used
@@ -167,3 +153,27 @@ def tir_mismatch(restoration: nn.Module, state_dict: Mapping[str, torch.Tensor],
             f"(max abs difference {difference:.3g})"
         )
     return None
+
+
+# ------------------------------------------------------ the method's contract
+def reference_settings(
+    state_dict: Mapping[str, torch.Tensor], config: dict[str, Any], grid: tuple[int, int]
+) -> tuple[dict[str, Any], list[str]]:
+    """SEN settings read off the source (``restoration_depth``) and its misshapen TIR tensors."""
+    depth = tir_depth(state_dict)
+    if depth is None:
+        return {}, []
+    return {"restoration_depth": depth}, tir_problems(state_dict, config, grid, depth)
+
+
+def convert_heads(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> HeadConversion:
+    """Load the TIR head of a SEN source into ``model.restoration`` (else say why it stays fresh)."""
+    depth = tir_depth(state_dict)
+    if depth is None:
+        return HeadConversion(reinitialised={"restoration": "TIR head: no counterpart in the source"})
+    mismatch = tir_mismatch(model.restoration, state_dict, depth)
+    if mismatch is not None:
+        return HeadConversion(reinitialised={"restoration": f"TIR head: {mismatch}"})
+    weights, used = convert_tir_state_dict(state_dict, depth)
+    model.restoration.load_state_dict(weights)
+    return HeadConversion(loaded=[f"TIR head ({depth} blocks; its {TIR_TABLE} equals tipr's fixed table)"], used=used)

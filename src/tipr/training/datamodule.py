@@ -1,4 +1,4 @@
-"""``TIPRDataModule``: the LightningDataModule that feeds SEN training and evaluation."""
+"""``TIPRDataModule``: the LightningDataModule that feeds training and evaluation of every method."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from tipr.data.samplers import SAMPLERS, local_batch_size
 from tipr.data.synthetic import SyntheticConfig, ensure_synthetic
 from tipr.data.token_cache import caption_tokens
 from tipr.data.transforms import build_eval_transform, build_train_transform
+from tipr.model.distributed import world_and_rank
 
 __all__ = ["DATASETS", "TIPRDataModule"]
 
@@ -68,12 +69,14 @@ class ResumableLoader(DataLoader):
 class TIPRDataModule(L.LightningDataModule):
     """Training pairs, identity-aware batches and evaluation sets for one benchmark.
 
-    Training batches: ``{"images": float32 (b, 3, H, W), "token_ids": int64 (b, L),
-    "pids": int64 (b,) labels 0..num_classes-1, "index": int64 (b,)}``, where
-    ``b = batch_size / W`` is this process's slice of the global batch (``W`` processes).
+    Training batches: ``{"pixel_values": float32 (b, 3, H, W), "input_ids": int64 (b, L),
+    "pids": int64 (b,) labels 0..num_classes-1, "index": int64 (b,)}`` plus the fields
+    the method draws per sample (:attr:`sample_fields`: SEN's ``noise``, IRRA's
+    ``mlm_input_ids`` and ``mlm_labels``), where ``b = batch_size / W`` is this
+    process's slice of the global batch (``W`` processes).
     ``val_dataloader()`` / ``test_dataloader()`` return ``[query_loader, gallery_loader]``:
-    caption queries ``{"token_ids", "pids", "index"}`` and gallery images
-    ``{"images", "pids", "index"}``, with the benchmark's own identity numbers and
+    caption queries ``{"input_ids", "pids", "index"}`` and gallery images
+    ``{"pixel_values", "pids", "index"}``, with the benchmark's own identity numbers and
     ``index`` = position in that evaluation set.
 
     Validation uses the ``val`` split; ICFG-PEDES has none, so it validates on
@@ -188,6 +191,7 @@ class TIPRDataModule(L.LightningDataModule):
         self._benchmark: Benchmark | None = None
         self._tokens: dict[str, dict[str, torch.Tensor]] | None = None
         self.train_set: TrainPairs | None = None
+        self._sample_fields = None
         self.eval_sets: dict[str, tuple[QueryCaptions, GalleryImages]] = {}
 
     # ------------------------------------------------------------ reading
@@ -237,6 +241,18 @@ class TIPRDataModule(L.LightningDataModule):
                                           name=self.dataset)
         return self._tokens
 
+    @property
+    def sample_fields(self):
+        """The model's per-sample training fields (:meth:`tipr.model.TIPRModel.sample_fields`), drawn
+        in the loader from each sample's seed; ``TIPRModule`` sets it before the loaders are made."""
+        return self._sample_fields
+
+    @sample_fields.setter
+    def sample_fields(self, value) -> None:
+        self._sample_fields = value
+        if self.train_set is not None:
+            self.train_set.sample_fields = value
+
     # ------------------------------------------------------------ Lightning hooks
 
     def prepare_data(self) -> None:
@@ -258,6 +274,7 @@ class TIPRDataModule(L.LightningDataModule):
                 transform=build_train_transform(self.image_size, **self.augment),
                 prune_prob=self.prune_prob,
                 seed=self.seed,
+                sample_fields=self._sample_fields,
             )
             self.train_sampler()  # refuse now, before any work, a batch the sampler or the processes cannot split
         stages = {None: ("validate", "test"), "fit": ("validate",), "validate": ("validate",), "test": ("test",)}.get(stage, ())
@@ -284,9 +301,7 @@ class TIPRDataModule(L.LightningDataModule):
         """(number of processes, this process's rank): from the trainer when attached, else torch.distributed, else (1, 0)."""
         if self.trainer is not None:
             return self.trainer.world_size, self.trainer.global_rank
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_world_size(), torch.distributed.get_rank()
-        return 1, 0
+        return world_and_rank()
 
     def train_dataloader(self) -> DataLoader:
         """Training batches of ``batch_size / W`` samples: this rank's slice of each global batch."""

@@ -10,17 +10,17 @@ positions steer. Restoring the colour of the hidden patches therefore needs the
 caption's colour and attribute words, which ties words to image regions.
 
 This module holds the helpers (grayscale, masking, patchify) and the decoder,
-:class:`TextGuidedRestoration`; :class:`tipr.model.SENModel` runs the
+:class:`TextGuidedRestoration`; :class:`tipr.methods.sen.SENModel` runs the
 encoder part and the loss (:func:`tipr.model.losses.masked_patch_mse`).
 """
 
 from __future__ import annotations
 
-from functools import partial
-
 import numpy as np
 import torch
 from torch import nn
+
+from tipr.model.blocks import clip_blocks, default_heads, init_clip_transformer
 
 GRAYSCALE_WEIGHTS = (0.2989, 0.5870, 0.1140)
 
@@ -120,7 +120,7 @@ class TextGuidedRestoration(nn.Module):
     ``transformer`` (``depth`` timm ``Block``\\ s: pre-norm, QuickGELU, LayerNorm eps
     1e-5, the same function as OpenAI CLIP's residual blocks), ``post_norm``,
     ``pixel_head`` (linear to ``p*p*3`` values per patch). Each maps one to one
-    onto a module of the reference (see :mod:`tipr.convert`).
+    onto a module of the reference (see :mod:`tipr.methods.sen.convert`).
 
     Args:
         dim: projection width of the dual encoder (512 for ViT-B/16).
@@ -142,13 +142,10 @@ class TextGuidedRestoration(nn.Module):
         depth: int = 4,
         num_heads: int | None = None,
         residual: bool = False,
-        text_padding_mask: bool = True,
+        text_padding_mask: bool = False,
     ):
         super().__init__()
-        from timm.layers import QuickGELU
-        from timm.models.vision_transformer import Block
-
-        num_heads = num_heads or max(1, dim // 64)
+        num_heads = num_heads or default_heads(dim)
         if dim % num_heads:
             raise ValueError(f"TIR width {dim} is not divisible by num_heads {num_heads}")
         self.patch_size = patch_size
@@ -165,36 +162,10 @@ class TextGuidedRestoration(nn.Module):
         self.text_norm = nn.LayerNorm(dim)
         self.cross_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
         self.pre_norm = nn.LayerNorm(dim)
-        self.transformer = nn.Sequential(
-            *[
-                # OpenAI CLIP's residual block, as the reference's: QuickGELU and LayerNorm eps 1e-5
-                # (timm's default eps is 1e-6).
-                Block(
-                    dim, num_heads, mlp_ratio=4.0, qkv_bias=True, act_layer=QuickGELU,
-                    norm_layer=partial(nn.LayerNorm, eps=1e-5),
-                )
-                for _ in range(depth)
-            ]
-        )
+        self.transformer = clip_blocks(dim, depth, num_heads)
         self.post_norm = nn.LayerNorm(dim)
         self.pixel_head = nn.Linear(dim, patch_size * patch_size * 3)
-        self._init_weights(dim, depth)
-
-    @torch.no_grad()
-    def _init_weights(self, dim: int, depth: int) -> None:
-        # CLIP's transformer initialisation, as the reference uses for this head.
-        attn_std = dim**-0.5
-        proj_std = attn_std * (2 * max(depth, 1)) ** -0.5
-        fc_std = (2 * dim) ** -0.5
-        nn.init.normal_(self.cross_attn.in_proj_weight, std=attn_std)
-        nn.init.zeros_(self.cross_attn.in_proj_bias)
-        nn.init.normal_(self.cross_attn.out_proj.weight, std=proj_std)
-        nn.init.zeros_(self.cross_attn.out_proj.bias)
-        for block in self.transformer:
-            nn.init.normal_(block.attn.qkv.weight, std=attn_std)
-            nn.init.normal_(block.attn.proj.weight, std=proj_std)
-            nn.init.normal_(block.mlp.fc1.weight, std=fc_std)
-            nn.init.normal_(block.mlp.fc2.weight, std=proj_std)
+        init_clip_transformer(self.transformer, self.cross_attn, dim)  # as the reference inits this head
 
     def forward(
         self,

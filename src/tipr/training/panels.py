@@ -1,4 +1,4 @@
-"""Pictures of what the model does during training: retrieval panels and TIR restorations.
+"""Pictures of what the model does during training: retrieval panels and the method's own panels.
 
 ``RetrievalPanels`` is a Lightning callback that, after each validation, logs
 image panels to every logger that can show images (``WandbLogger``'s
@@ -8,12 +8,12 @@ image panels to every logger that can show images (``WandbLogger``'s
   to right with ``#rank score`` under each, framed green when they show the
   query's identity and red otherwise; the query text is the image's caption
   (``log_image(key=..., images=[...], caption=[query text, ...])``);
-- ``val/tir``: text-guided restoration triplets, per row the masked grayscale
-  input the TIR head sees, its reconstruction (masked patches only, visible
-  patches pasted back as MAE papers show them) and the colour target.
+- ``val/<name>`` for each panel the method draws of its own heads
+  (:meth:`tipr.model.TIPRModel.image_panels`; SEN's ``val/tir``: per row the
+  masked grayscale input the TIR head sees, its reconstruction and the colour target).
 
 Both use what validation already computed on rank 0 (the features held by the
-retrieval metric), plus one TIR forward pass on a handful of images. They are
+retrieval metric), plus one forward pass of the method's heads on a handful of images. They are
 drawn with :func:`tipr.render.image_grid`, the model's input scaled up by a
 whole factor to at least ``PANEL_TILE_HEIGHT`` pixels so that text fits.
 """
@@ -29,13 +29,12 @@ from PIL import Image, ImageOps
 from tipr.data.transforms import CLIP_MEAN, CLIP_STD
 from tipr.render import display_size, image_grid
 
-__all__ = ["PANEL_TILE_HEIGHT", "TIR_CAPTION", "RetrievalPanels", "to_pil"]
+__all__ = ["PANEL_TILE_HEIGHT", "RetrievalPanels", "to_pil"]
 
 #: Panel tiles are the model's input size scaled up by a whole factor to at least this height.
 PANEL_TILE_HEIGHT = 128
 #: Pixels of the green (hit) / red (miss) frame around a retrieved image.
 FRAME = 3
-TIR_CAPTION = "per row: masked grayscale input, restored (masked patches), colour target"
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -54,12 +53,12 @@ def _scaled(image: torch.Tensor) -> Image.Image:
 
 
 class RetrievalPanels(Callback):
-    """Log retrieval and TIR panels after validation (see the module docstring).
+    """Log retrieval panels and the method's own panels after validation (see the module docstring).
 
     Args:
         num_queries: caption queries shown (one retrieval image each).
         top_k: gallery images shown per query.
-        num_restorations: rows of the TIR panel (0 turns it off).
+        num_restorations: rows (images) of the method's panels, e.g. SEN's TIR (0 turns them off).
     """
 
     def __init__(self, num_queries: int = 4, top_k: int = 5, num_restorations: int = 4):
@@ -85,8 +84,9 @@ class RetrievalPanels(Callback):
         benchmark = getattr(datamodule, "benchmark", None)
         captions = benchmark.split(split).captions if benchmark is not None else None
         panels = {"val/retrieval": self.retrieval_panels(pl_module, queries, gallery, captions)}
-        if self.num_restorations and pl_module.network.restoration is not None:
-            panels["val/tir"] = ([self.restoration_panel(pl_module, queries, gallery)], [TIR_CAPTION])
+        if self.num_restorations:
+            for name, (picture, caption) in self.method_panels(pl_module, queries, gallery).items():
+                panels[f"val/{name}"] = ([picture], [caption])
         for logger in loggers:
             for key, (images, texts) in panels.items():
                 if images:
@@ -115,7 +115,7 @@ class RetrievalPanels(Callback):
             for rank, (score, g) in enumerate(zip(scores[q].tolist(), top[q].tolist()), start=1):
                 item = int(gallery_index[g])
                 hit = int(gallery.pids[item]) == query_pid
-                tiles.append(ImageOps.expand(_scaled(gallery[item]["images"]), FRAME, "green" if hit else "red"))
+                tiles.append(ImageOps.expand(_scaled(gallery[item]["pixel_values"]), FRAME, "green" if hit else "red"))
                 labels.append(f"#{rank} {score:.3f}")
             panels.append(image_grid([tiles], [labels]))
             texts.append(str(captions[index]) if captions is not None else self._decode(pl_module, queries, index))
@@ -123,30 +123,19 @@ class RetrievalPanels(Callback):
 
     @staticmethod
     def _decode(pl_module, queries, index: int) -> str:
-        ids = [int(t) for t in queries[index]["token_ids"].tolist() if t != 0]  # 0 pads
+        ids = [int(t) for t in queries[index]["input_ids"].tolist() if t != 0]  # 0 pads
         return pl_module.processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     @torch.no_grad()
-    def restoration_panel(self, pl_module, queries, gallery) -> Image.Image:
-        """Rows of masked input, restoration and target for the first gallery images (one TIR pass)."""
-        from tipr.model.restoration import patchify, to_grayscale, unpatchify
-
+    def method_panels(self, pl_module, queries, gallery) -> dict[str, tuple[Image.Image, str]]:
+        """``{name: (picture, caption)}`` of the method's panels on the first gallery images, each
+        with a caption of its identity (:meth:`tipr.model.TIPRModel.image_panels`)."""
         network = pl_module.network
         n = min(self.num_restorations, len(gallery))
-        images = torch.stack([gallery[i]["images"] for i in range(n)]).to(pl_module.device)
-        # a caption of the same identity for each image
+        images = torch.stack([gallery[i]["pixel_values"] for i in range(n)]).to(pl_module.device)
         caption_of = {int(pid): i for i, pid in reversed(list(enumerate(queries.pids.tolist())))}
-        tokens = torch.stack([queries[caption_of[int(gallery.pids[i])]]["token_ids"] for i in range(n)])
-        tokens = tokens.to(pl_module.device)
+        tokens = torch.stack([queries[caption_of[int(gallery.pids[i])]]["input_ids"] for i in range(n)])
         generator = torch.Generator().manual_seed(0)
-        noise = torch.rand(n, network.embeddings.num_patches, generator=generator).to(pl_module.device)
-        with network.precision_context(images.device):
-            text_tokens, eot = network.text_tokens(tokens)
-            out = network.restore(images, text_tokens, eot, noise=noise)
-        p, grid = network.embeddings.patch_size, network.embeddings.grid_size
-        masked = out["mask"][..., None].bool()  # (B, N, 1), True where hidden
-        gray = patchify(to_grayscale(images), p)
-        seen = unpatchify(torch.where(masked, torch.full_like(gray, -2.0), gray), p, grid)
-        restored = unpatchify(torch.where(masked, out["prediction"].float(), out["target"]), p, grid)
-        rows = [[_scaled(seen[i]), _scaled(restored[i]), _scaled(images[i])] for i in range(n)]
-        return image_grid(rows, [["input", "restored", "target"]] * n)
+        drawn = network.image_panels(images, tokens.to(pl_module.device), generator)
+        return {name: (image_grid([[_scaled(t) for t in row] for row in rows], [labels] * len(rows)), caption)
+                for name, (rows, labels, caption) in drawn.items()}

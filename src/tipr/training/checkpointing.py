@@ -1,8 +1,8 @@
 """Checkpoints that survive faults: atomic writes, a fresh ``last.ckpt``, and resuming into the same run folder.
 
-- :class:`AtomicCheckpointIO` writes every checkpoint to ``<name>.partial`` in
-  the same folder and renames it into place (``os.replace``), so a process
-  killed while saving leaves the previous file intact.
+- :class:`AtomicCheckpointIO` writes every checkpoint to a partial file in
+  the same folder and renames it into place (:func:`tipr.files.atomic_write`),
+  so a process killed while saving leaves the previous file intact.
 - :class:`LastCheckpoint` keeps ``last.ckpt`` fresh: at the end of every
   training epoch and every ``every_n_minutes`` of training (or every
   ``every_n_train_steps``), so a killed run loses at most that much work.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,8 @@ from typing import Any
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from tipr.files import atomic_folder, atomic_write
 
 __all__ = ["AtomicCheckpointIO", "LastCheckpoint", "export_pretrained", "newest_checkpoint", "resume_version"]
 
@@ -42,12 +43,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".partial")
-        with open(partial, "wb") as f:
+        with atomic_write(target) as f:
             torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, target)
 
 
 class LastCheckpoint(Callback):
@@ -144,7 +141,7 @@ def newest_checkpoint(trainer) -> str | None:
 
 def export_pretrained(trainer, network, processor, folder: str | Path) -> Path:
     """Write ``folder`` (``<log_dir>/pretrained``): the best checkpoint's network (the current one when
-    no checkpoint callback chose a best) and the processor, for ``SENModel.from_pretrained``.
+    no checkpoint callback chose a best) and the processor, for ``TIPRModel.from_pretrained``.
 
     Called on one rank: it runs no collective (``trainer.log_dir`` is one under DDP, so the
     caller asks for it on every rank)."""
@@ -155,9 +152,6 @@ def export_pretrained(trainer, network, processor, folder: str | Path) -> Path:
     if best and Path(best).is_file():
         network, _ = load_lightning_checkpoint(best)
     # Written beside the target and renamed into place: an interrupted export leaves no half folder.
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    save_pretrained(network, processor, partial)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(partial, folder)
+    with atomic_folder(folder) as partial:
+        save_pretrained(network, processor, partial)
     return folder
