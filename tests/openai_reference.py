@@ -163,3 +163,24 @@ def reference_state_dict(clip, heads: dict[str, torch.Tensor]) -> dict[str, torc
     model = {"base_model." + key: value for key, value in to_openai(clip).items() if key != "logit_scale"}
     model.update(heads)
     return model
+
+
+def reference_sdm_and_id(w, i_feats, t_feats, pids, temperature):
+    """IRRA's ``compute_sdm`` (logit scale 1 / temperature, eps 1e-8 in the target's log) and
+    ``compute_id`` (one classifier for both modalities, the mean of the two CEs), in plain torch.
+
+    Returns ``(sdm, id, t2i, labels)``: the cosine matrix (texts x images) and same-identity mask for
+    losses built on them (SEN's triplet).
+    """
+    labels = (pids[:, None] == pids[None, :]).float()
+    image_norm = i_feats / i_feats.norm(dim=1, keepdim=True)
+    text_norm = t_feats / t_feats.norm(dim=1, keepdim=True)
+    t2i = text_norm @ image_norm.t()
+    target = labels / labels.sum(dim=1)
+    sdm = 0.0
+    for logits in (t2i.t() / temperature, t2i / temperature):
+        kl = F.softmax(logits, dim=1) * (F.log_softmax(logits, dim=1) - torch.log(target + 1e-8))
+        sdm = sdm + kl.sum(dim=1).mean()
+    id_loss = (F.cross_entropy(_linear(w, i_feats, "classifier"), pids)
+               + F.cross_entropy(_linear(w, t_feats, "classifier"), pids)) / 2
+    return sdm, id_loss, t2i, labels

@@ -25,7 +25,7 @@ from tipr.pretrained import load_pretrained
 from tipr.processing import TIPRProcessor
 from openai_reference import (
     _attention, _layers, _linear, _ln, openai_block, openai_forward, openai_tokens, random_irra_heads,
-    reference_state_dict, to_openai,
+    reference_sdm_and_id, reference_state_dict, to_openai,
 )
 
 IMAGE_SIZE = (32, 16)  # patch 8: a 4 x 2 grid
@@ -478,20 +478,7 @@ def sen_reference_losses(model, images, token_ids, pids, noise, num_visible, tem
     i_feats = image_tokens[:, 0]
     t_feats = text_tokens[torch.arange(len(token_ids)), token_ids.argmax(dim=-1)]
 
-    # SDM (IRRA's compute_sdm), logit scale 1 / temperature.
-    labels = (pids[:, None] == pids[None, :]).float()
-    image_norm = i_feats / i_feats.norm(dim=1, keepdim=True)
-    text_norm = t_feats / t_feats.norm(dim=1, keepdim=True)
-    t2i = text_norm @ image_norm.t()
-    target = labels / labels.sum(dim=1)
-    sdm = 0.0
-    for logits in (t2i.t() / temperature, t2i / temperature):
-        kl = F.softmax(logits, dim=1) * (F.log_softmax(logits, dim=1) - torch.log(target + 1e-8))
-        sdm = sdm + kl.sum(dim=1).mean()
-
-    # ID: one classifier for both modalities.
-    classify = lambda x: x @ w["classifier.weight"].t() + w["classifier.bias"]  # noqa: E731
-    id_loss = (F.cross_entropy(classify(i_feats), pids) + F.cross_entropy(classify(t_feats), pids)) / 2
+    sdm, id_loss, t2i, labels = reference_sdm_and_id(w, i_feats, t_feats, pids, temperature)
 
     # Triplet on cosine distance with the hardest negative of another identity, both directions.
     triplet = 0.0

@@ -10,7 +10,8 @@ from tipr.convert import load_reference_checkpoint
 from tipr.methods.irra import IRRAConfig, IRRAModel
 from tipr.model import TIPRModel
 from openai_reference import (
-    _attention, _layers, _linear, _ln, openai_block, openai_tokens, random_irra_heads, reference_state_dict,
+    _attention, _layers, _linear, _ln, openai_block, openai_tokens, random_irra_heads, reference_sdm_and_id,
+    reference_state_dict,
 )
 
 IMAGE_SIZE = (32, 16)  # patch 8: a 4 x 2 grid, 8 patches + CLS
@@ -63,20 +64,7 @@ def irra_reference_losses(model, images, input_ids, pids, mlm_input_ids, mlm_lab
     i_feats = image_tokens[:, 0]
     t_feats = text_tokens[torch.arange(len(input_ids)), input_ids.argmax(dim=-1)]
 
-    # SDM (objectives.compute_sdm), logit scale 1 / temperature, eps 1e-8 in the target's log.
-    labels = (pids[:, None] == pids[None, :]).float()
-    image_norm = i_feats / i_feats.norm(dim=1, keepdim=True)
-    text_norm = t_feats / t_feats.norm(dim=1, keepdim=True)
-    t2i = text_norm @ image_norm.t()
-    target = labels / labels.sum(dim=1)
-    sdm = 0.0
-    for logits in (t2i.t() / temperature, t2i / temperature):
-        kl = F.softmax(logits, dim=1) * (F.log_softmax(logits, dim=1) - torch.log(target + 1e-8))
-        sdm = sdm + kl.sum(dim=1).mean()
-
-    # ID (objectives.compute_id): one classifier for both modalities, the mean of the two CEs.
-    classify = lambda x: _linear(w, x, "classifier")  # noqa: E731
-    id_loss = (F.cross_entropy(classify(i_feats), pids) + F.cross_entropy(classify(t_feats), pids)) / 2
+    sdm, id_loss, _, _ = reference_sdm_and_id(w, i_feats, t_feats, pids, temperature)
 
     # MLM (IRRA.cross_former + mlm_head): every token of the masked caption (final norm + projection)
     # queries every image token (CLS included) of the retrieval pass; no residual, no padding mask.

@@ -5,7 +5,7 @@ Nothing here knows a method: methods live in :mod:`tipr.methods` and build on
 lazily, so ``import tipr.model.distributed`` does not pull in transformers.
 """
 
-from importlib import import_module
+from tipr.lazy import lazy_exports
 
 _EXPORTS = {
     "BACKBONE_PRESETS": "backbone",
@@ -19,13 +19,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

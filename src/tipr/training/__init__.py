@@ -12,7 +12,7 @@ Lightning; models, data, metrics and search work without it.
 - :mod:`~tipr.training.panels`: retrieval and method panels for W&B.
 """
 
-from importlib import import_module
+from tipr.lazy import lazy_exports
 
 _EXPORTS = {
     "TIPRModule": "module",
@@ -25,13 +25,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

@@ -8,7 +8,6 @@ the parameter groups are the method's own (:meth:`~tipr.model.TIPRModel.paramete
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
