@@ -251,9 +251,17 @@ class TIPRModel(nn.Module, PyTorchModelHubMixin, library_name="tipr", tags=["tex
             return self.image_tokens(pixel_values)[:, 0]
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Global text features ``(B, D)``: the first end-of-text output after final norm and projection."""
+        """Global text features ``(B, D)``: the first end-of-text output after final norm and projection.
+
+        The text encoder runs only up to the batch's last end-of-text position: CLIP's text
+        attention is causal, so no position before it reads what follows, and the features are
+        those of the full context (a 10-token query in a 77 context costs a seventh). Reading
+        that position is the one host sync, shared with the input check.
+        """
+        self.check_token_ids(input_ids)
+        end = int((input_ids == self.eot_token_id).int().argmax(dim=1).max()) + 1
         with self.precision_context(input_ids.device):
-            return self.pooled(*self.text_tokens(input_ids))
+            return self.pooled(*self.text_tokens(input_ids[:, :end], check=False))
 
     def similarity(self, text_features: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
         """Cosine similarity ``(Nq, Ng)`` of text queries against gallery images."""

@@ -94,7 +94,7 @@ class LastCheckpoint(Callback):
 
     def save(self, trainer) -> None:
         """Write ``last.ckpt`` now (a collective under DDP; rank 0 writes)."""
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # all state: resuming needs it
         self._saved_at = time.monotonic()
 
 
