@@ -22,7 +22,7 @@ is one nested option: ``--model.method=irra`` (a registered name, see
   run folder) continues in that run's ``version_N`` folder, so logs, the
   best-so-far and ``--test_after_fit`` carry on where the run stopped;
 - retrieval and TIR image panels after each validation, for loggers that show
-  images such as ``WandbLogger`` (``--panels.*``, see ``tipr.visualization``);
+  images such as ``WandbLogger`` (``--panels.*``, see ``tipr.training.panels``);
 - ``--test_after_fit``: evaluate the best checkpoint on the test split when
   ``fit`` ends;
 - after ``validate`` / ``test``: a results table in the layout of the paper's

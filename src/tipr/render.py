@@ -105,7 +105,7 @@ def to_tile(image: Any, size: Sequence[int] | None = None, resample: int = Image
 
     Tensors are uint8 (0..255) or floating point in [0, 1] (clamped), as in
     torchvision; a CLIP-normalised tensor must be un-normalised first
-    (:func:`tipr.visualization.to_pil`).
+    (:func:`tipr.training.panels.to_pil`).
     """
     if isinstance(image, torch.Tensor):
         if image.dim() != 3 or image.shape[0] not in (1, 3):
