@@ -57,5 +57,5 @@ echo "== 4. evaluation at ICFG-PEDES test size"
 python experiments/bench_metrics.py --methods tipr --device cuda --repeats 2
 
 echo "== 5. indexing and search"
-python experiments/bench_search.py --backbone "$vitb16" --image-size 384 128 --images 4000 --device cuda \
+python experiments/bench_indexing.py --backbone "$vitb16" --image-size 384 128 --images 4000 --device cuda \
   --workers "$workers" --batch-size 256 --folder "$work/search-images"
