@@ -1,9 +1,10 @@
 """The ``tipr`` console script: model commands without Lightning, training commands with it.
 
-``tipr index``, ``tipr search`` and ``tipr convert`` use a trained model outside
-a Trainer. Each is a plain function whose signature and docstring are its
-options (jsonargparse), so it reads ``--config file.yaml`` like ``tipr fit``, and
-none of them imports Lightning. Every other command (``fit``, ``validate``,
+``tipr index``, ``tipr search``, ``tipr convert`` and ``tipr export-onnx`` use a
+trained model outside a Trainer. Each is a plain function whose signature and
+docstring are its options (jsonargparse), so it reads ``--config file.yaml`` like
+``tipr fit``, and none of them imports Lightning. A bool option is also a switch
+(``--int8``, ``--no_int8``). Every other command (``fit``, ``validate``,
 ``test``) goes to :mod:`tipr.cli` (LightningCLI).
 """
 
@@ -18,6 +19,7 @@ MODEL_COMMANDS = {
     "index": ("tipr.search.commands:index", "encode a folder of images into a gallery index"),
     "search": ("tipr.search.commands:search", "rank a gallery index by text queries"),
     "convert": ("tipr.convert.command:convert", "turn an IRRA/SEN or OpenAI CLIP checkpoint into a pretrained folder"),
+    "export-onnx": ("tipr.search.onnx:export_onnx", "export the image encoder to ONNX (fp32, int8) for fast CPU indexing"),
 }
 
 
@@ -45,17 +47,38 @@ def repeatable(function: Callable, argv: Sequence[str]) -> list[str]:
     return out
 
 
+def switches(function: Callable, argv: Sequence[str]) -> list[str]:
+    """``argv`` with each bool option written as a switch given its value: ``--name`` alone (last,
+    or before another option) is ``--name true``, ``--no_name`` / ``--no-name`` is ``--name false``."""
+    import inspect
+
+    parameters = inspect.signature(function).parameters.values()
+    flags = {p.name for p in parameters if p.annotation in (bool, "bool")}
+    out = []
+    for i, arg in enumerate(argv):
+        name = arg[2:] if arg.startswith("--") and "=" not in arg else None
+        negated = name[3:].replace("-", "_") if name and name[:3] in ("no_", "no-") else None
+        if negated in flags:
+            out += [f"--{negated}", "false"]
+        elif name in flags and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            out += [arg, "true"]
+        else:
+            out.append(arg)
+    return out
+
+
 def run_command(name: str, argv: Sequence[str]) -> int:
     """Parse ``argv`` for ``tipr <name>`` and run it: its return code; 1 with a one-line error
-    for a bad file or value (``OSError``, ``ValueError``); 2 for a usage error."""
+    for a bad file or value (``OSError``, ``ValueError``) or a missing optional package (``ImportError``:
+    ``tipr[onnx]``, ``tipr[ann]`` say which extra to install); 2 for a usage error."""
     module, function = MODEL_COMMANDS[name][0].split(":")
     function = getattr(importlib.import_module(module), function)
     parser = command_parser(f"tipr {name}", function)
-    options = parser.parse_args(repeatable(function, argv))
+    options = parser.parse_args(repeatable(function, switches(function, argv)))
     kwargs = {key: value for key, value in vars(options).items() if key != "config"}
     try:
         return int(function(**kwargs) or 0)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:
         print(f"tipr {name}: error: {e}", file=sys.stderr)
         return 1
 
