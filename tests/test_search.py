@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import subprocess
 import sys
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -198,7 +200,7 @@ def run(capsys, *args) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def index_quietly(trained: Trained, photos: Path, out: Path | None = None) -> tuple[GalleryIndex, IndexReport]:
+def index_quietly(trained: Trained, photos: Path, out: Path) -> tuple[GalleryIndex, IndexReport]:
     return build_index(trained.model, trained.processor, photos, out, checkpoint=trained.folder, num_workers=0,
                        progress=False)
 
@@ -257,7 +259,7 @@ def test_a_lightning_checkpoint_is_the_same_model_as_its_pretrained_folder(train
     gallery = GalleryIndex.load(gallery_file)
     assert gallery.model["checkpoint"] == str(trained.ckpt.resolve())
     assert gallery.model["fingerprint"] == model_fingerprint(trained.model)
-    assert torch.allclose(gallery.features, index_quietly(trained, photos)[0].features, atol=TIE)
+    assert torch.allclose(gallery.features, index_quietly(trained, photos, tmp_path / "fresh")[0].features, atol=TIE)
     code, out, err = run(capsys, "search", "--model", trained.folder, "--gallery", gallery_file, "--query",
                          trained.captions[4], "--top_k", 2, "--device", "cpu")
     assert code == 0, err
@@ -284,10 +286,10 @@ def test_search_options_from_a_config_file(trained, photos, tmp_path, capsys):
     assert [len(row) for row in printed_hits(out, queries)] == [2, 2]
 
 
-def test_python_api_search_is_the_brute_force_ranking_of_the_model_s_scores(trained, photos):
+def test_python_api_search_is_the_brute_force_ranking_of_the_model_s_scores(trained, photos, tmp_path):
     model, processor = trained.model, trained.processor
-    gallery, report = build_index(model, processor, photos, num_workers=0, progress=False)
-    assert gallery.paths == sorted(gallery_names()) and gallery.file is None
+    gallery, report = build_index(model, processor, photos, tmp_path / "g", num_workers=0, progress=False)
+    assert gallery.paths == sorted(gallery_names()) and gallery.file == str(tmp_path / "g")
     assert set(gallery.failed) == {"broken.jpg"} and report.failed == gallery.failed
     assert (report.found, report.encoded, report.kept, report.dropped) == (NUM_IDS + 1, gallery.paths, 0, [])
     listing = f"1 file could not be read and is not in the index:\n  broken.jpg: {gallery.failed['broken.jpg']}"
@@ -309,22 +311,68 @@ def test_python_api_search_is_the_brute_force_ranking_of_the_model_s_scores(trai
     assert_brute_force_top_k(as_rows(one), expected[5:6], gallery.paths, k=1)
 
 
-def test_gallery_file_round_trip(trained, photos, tmp_path):
+def test_a_notebook_opens_a_gallery_and_searches_a_sub_folder(trained, photos, tmp_path, capsys):
+    """The Python API as a notebook uses it: open a gallery written earlier, ask a batch of queries,
+    restrict them to a sub-folder (a camera, a day); the CLI's --prefix gives the same hits."""
+    out = tmp_path / "photos.gallery"
+    index_quietly(trained, photos, out)
+    gallery = GalleryIndex.load(out)  # a later session: memory-mapped shards
+    queries = trained.captions[:3]
+    street = [p for p in gallery.paths if p.startswith("street/")]
+    assert sorted(street) == ["street/id1.JPG", "street/night/id2.png"]
+    hits = search(trained.model, trained.processor, gallery, queries, top_k=5, prefix="street/")
+    assert [len(row) for row in hits] == [2, 2, 2]  # clamped to the two images under street/
+    assert_brute_force_top_k(as_rows(hits), brute_force_scores(trained, photos, street, queries), street, k=2)
+    night = search(trained.model, trained.processor, gallery, queries, top_k=1, prefix="street/night/")
+    assert [[hit.path for hit in row] for row in night] == [["street/night/id2.png"]] * 3
+    assert all(gallery.path(hit.row) == hit.path for row in hits for hit in row)
+    code, printed, err = run(capsys, "search", "--model", trained.folder, "--gallery", out, "--query", queries[0],
+                             "--top_k", 5, "--prefix", "street/", "--device", "cpu")
+    assert code == 0 and "the 2 images under 'street/'" in err
+    assert [(r, p) for r, _, p in printed_hits(printed, queries[:1])[0]] == [(h.rank, h.path) for h in hits[0]]
+    with pytest.raises(GalleryError, match="holds no image under 'park/'"):
+        search(trained.model, trained.processor, gallery, queries, prefix="park/")
+
+
+def test_an_ann_index_built_by_tipr_index_gives_the_exact_hits(trained, photos, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "photos.gallery"
+    code, printed, err = run(capsys, "index", "--model", trained.folder, "--images", photos, "--out", out,
+                             "--ann", "true", "--num_workers", 0, "--device", "cpu")
+    assert code == 0, err
+    assert "ANN index Flat over 8 rows built" in printed  # a small gallery gets FAISS's exact index
+    assert GalleryIndex.load(out).ann["factory"] == "Flat"
+    rows = {}
+    for exact in ("true", "false"):
+        code, printed, err = run(capsys, "search", "--model", trained.folder, "--gallery", out, "--query",
+                                 trained.captions[3], "--top_k", 4, "--exact", exact, "--device", "cpu")
+        assert code == 0, err
+        rows[exact] = printed_hits(printed, trained.captions[3:4])
+    assert rows["true"] == rows["false"]
+    monkeypatch.setitem(sys.modules, "faiss", None)  # faiss-cpu not installed
+    code, _, err = run(capsys, "index", "--model", trained.folder, "--images", photos, "--out", out, "--ann", "true")
+    assert code == 1 and err.strip().endswith('pip install "tipr[ann]"') and "Traceback" not in err
+
+
+def test_gallery_folder_round_trip(trained, photos, tmp_path):
     out = tmp_path / "g" / "photos.gallery"
     built, _ = index_quietly(trained, photos, out)
     loaded = GalleryIndex.load(out)
-    assert loaded.file == str(out)
+    assert loaded.file == str(out) and len(loaded) == NUM_IDS
     assert loaded.paths == built.paths and torch.equal(loaded.features, built.features)
-    assert torch.equal(loaded.sizes, built.sizes) and torch.equal(loaded.mtimes, built.mtimes)
+    stats = {path: (photos / path).stat() for path in loaded.paths}
+    assert loaded.entries() == {p: (st.st_size, st.st_mtime_ns, row) for row, (p, st) in enumerate(stats.items())}
     assert loaded.model == built.model and loaded.model["checkpoint"] == str(trained.folder.resolve())
     assert loaded.model["fingerprint"] == model_fingerprint(trained.model) and loaded.root == str(photos.resolve())
     assert loaded.model["image_size"] == list(IMAGE_SIZE) and loaded.model["text_length"] == TEXT_LENGTH
     assert loaded.failed == {"broken.jpg": built.failed["broken.jpg"]}
-    raw = torch.load(out, weights_only=True)
-    assert (raw["format"], raw["version"]) == ("tipr-gallery", 1)
-    # Every field but ``file`` is saved: nothing a loaded gallery lacks (what a run did is its IndexReport).
-    assert set(raw) == {"format", "version"} | {f.name for f in fields(GalleryIndex)} - {"file"}
-    assert not [p for p in out.parent.iterdir() if p.name != out.name]  # no temporary file left
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["format"], manifest["version"], manifest["live"], manifest["deleted"]) == ("tipr-gallery", 2, 8, None)
+    # The manifest and one shard's two files; no journal, no temporary file left.
+    (shard,) = manifest["shards"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [".lock", "manifest.json", f"{shard['name']}.features.npy", f"{shard['name']}.meta.npy"])
+    features = np.load(out / f"{shard['name']}.features.npy", allow_pickle=False)  # plain arrays: nothing unpickled
+    assert features.dtype == np.float32 and torch.equal(torch.from_numpy(features), loaded.features)
 
 
 def test_reindex_encodes_only_new_and_changed_files_and_drops_vanished_ones(trained, photos, tmp_path, capsys, monkeypatch):
@@ -353,12 +401,13 @@ def test_reindex_encodes_only_new_and_changed_files_and_drops_vanished_ones(trai
     assert "dropped 1 entry whose file is gone" in out_text and "broken.jpg: UnidentifiedImageError" in out_text
 
     second = GalleryIndex.load(out)
-    assert second.paths == sorted(set(names) - {names[6]} | {"street/new1.jpg", "new2.webp"})
+    assert sorted(second.paths) == sorted(set(names) - {names[6]} | {"street/new1.jpg", "new2.webp"})
     for path in set(first.paths) & set(second.paths) - {names[4]}:  # taken over bit for bit
         assert torch.equal(second.features[second.paths.index(path)], first.features[first.paths.index(path)])
-    fresh, _ = index_quietly(trained, photos)  # from scratch, in memory
-    assert fresh.paths == second.paths
-    assert torch.allclose(fresh.features, second.features, atol=TIE)  # other batches: last bits may differ
+    fresh, _ = index_quietly(trained, photos, tmp_path / "fresh")  # from scratch
+    assert fresh.paths == sorted(second.paths)
+    order = [second.paths.index(path) for path in fresh.paths]
+    assert torch.allclose(fresh.features, second.features[order], atol=TIE)  # other batches: last bits may differ
 
     # Nothing changed: nothing but the failure is decoded again.
     decoded.clear()
@@ -370,14 +419,14 @@ def test_reindex_encodes_only_new_and_changed_files_and_drops_vanished_ones(trai
 def test_another_model_is_refused_naming_both(trained, photos, tmp_path, capsys):
     out = tmp_path / "photos.gallery"
     index_quietly(trained, photos, out)
-    before = out.read_bytes()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     for other in (trained.other, trained.other_ckpt):
         for command in (["search", "--gallery", out, "--query", "a person"], ["index", "--images", photos, "--out", out]):
             code, _, err = run(capsys, *command, "--model", other, "--device", "cpu")
             assert code == 1
             assert f"gallery {out} was indexed with another model: {trained.folder.resolve()}" in err
             assert f"the model given is {other.resolve()}" in err
-    assert out.read_bytes() == before
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     other_model, processor = load_pretrained(trained.other)
     with pytest.raises(GalleryError, match="another model"):
         search(other_model, processor, GalleryIndex.load(out), "a person")
@@ -389,15 +438,23 @@ def test_a_file_that_is_not_a_gallery_is_refused_by_name(trained, photos, tmp_pa
     for not_gallery in (trained.ckpt, text):
         code, _, err = run(capsys, "search", "--model", trained.folder, "--gallery", not_gallery, "--query", "x",
                            "--device", "cpu")
-        assert code == 1 and f"{not_gallery} is not a tipr gallery file" in err
+        assert code == 1 and f"{not_gallery} is not a tipr gallery" in err
     torch.save({"features": torch.zeros(2, 3)}, tmp_path / "tensors.pt")
-    with pytest.raises(GalleryError, match="tensors.pt is not a tipr gallery file"):
+    with pytest.raises(GalleryError, match="tensors.pt is not a tipr gallery"):
         GalleryIndex.load(tmp_path / "tensors.pt")
     code, _, err = run(capsys, "index", "--model", trained.folder, "--images", photos, "--out", text, "--device", "cpu")
-    assert code == 1 and f"{text} is not a tipr gallery file" in err and "not overwriting it" in err
+    assert code == 1 and f"--out {text} is a file" in err and "give a new --out folder" in err
     assert text.read_text() == "hello"
+    other_folder = tmp_path / "docs"
+    other_folder.mkdir()
+    (other_folder / "thesis.tex").write_text("mine")
+    code, _, err = run(capsys, "index", "--model", trained.folder, "--images", photos, "--out", other_folder)
+    assert code == 1 and f"--out {other_folder} is a folder that is not a tipr gallery" in err
+    assert sorted(p.name for p in other_folder.iterdir()) == ["thesis.tex"]
+    code, _, err = run(capsys, "search", "--model", trained.folder, "--gallery", other_folder, "--query", "x")
+    assert code == 1 and f"{other_folder} is not a tipr gallery folder (no manifest.json" in err
     code, _, err = run(capsys, "search", "--model", trained.folder, "--gallery", tmp_path / "missing", "--query", "x")
-    assert code == 1 and f"gallery file {tmp_path / 'missing'} does not exist" in err
+    assert code == 1 and f"gallery {tmp_path / 'missing'} does not exist" in err
 
 
 def test_a_model_that_cannot_be_loaded_is_named_with_its_option(trained, photos, tmp_path, capsys):
@@ -455,7 +512,7 @@ def test_queries_from_a_file_and_a_contact_sheet(trained, photos, tmp_path, caps
 
 
 def test_contact_sheet_layout_and_images_root(trained, photos, tmp_path):
-    gallery, _ = build_index(trained.model, trained.processor, photos, num_workers=0, progress=False)
+    gallery, _ = build_index(trained.model, trained.processor, photos, tmp_path / "g", num_workers=0, progress=False)
     queries = ["a person in red", "a person in blue"]
     hits = search(trained.model, trained.processor, gallery, queries, top_k=4)
     moved = photos.rename(tmp_path / "moved")

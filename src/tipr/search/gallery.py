@@ -1,193 +1,188 @@
-"""The gallery file: image features of a folder, with what incremental indexing and the model check need.
+"""The gallery: image features of a folder, memory-mapped, with what incremental indexing and the model check need.
 
-Gallery file format (version 1): one ``torch.save`` file, a dict that
-``torch.load(path, weights_only=True)`` reads:
+Gallery format 2 is a folder (``photos.gallery/``)::
 
-- ``"format"``: ``"tipr-gallery"``; ``"version"``: ``1``;
-- ``"root"``: the indexed folder, absolute;
-- ``"paths"``: ``list[str]``, POSIX paths relative to ``root``, sorted;
-- ``"features"``: float32 ``(N, D)``, L2-normalised image features, row ``i`` of ``paths[i]``;
-- ``"sizes"``, ``"mtimes"``: int64 ``(N,)``, file size and ``st_mtime_ns`` when
-  encoded (taken before reading, so a file changed while indexing is encoded again next time);
-- ``"model"``: ``{"fingerprint": hex str, "checkpoint": str or None, "image_size": [H, W],
-  "text_length": int, "embed_dim": D}``;
-- ``"failed"``: ``dict[str, str]``, files under ``root`` that could not be read
-  at the last run (relative path -> reason); they are not in ``paths``.
+    manifest.json                  what is in the gallery (below); the commit point of every write
+    <shard>.features.npy           float32 or float16 (n, D), L2-normalised image features
+    <shard>.meta.npy               structured (n,): "path" (UTF-8 bytes, POSIX, relative to root),
+                                   "size" (int64 bytes), "mtime_ns" (int64), per row of the shard
+    deleted-<token>.npy            int64, sorted: the rows (global ids) no longer in the gallery
+    journal-<writer>.json          shards a running (or killed) indexing process wrote, not yet in the manifest
+    ann-<token>.faiss              optional approximate index over rows [0, ann.rows) (:mod:`tipr.search.ann`)
 
-It is written to a temporary file next to the target and renamed into place
-(:func:`tipr.files.atomic_write`), so an interrupted run leaves the previous gallery intact.
+``manifest.json``: ``{"format": "tipr-gallery", "version": 2, "root": the indexed folder, absolute,
+"model": {"fingerprint", "checkpoint", "image_size", "text_length", "embed_dim"} (:mod:`tipr.search.identity`),
+"dim": D, "dtype": "float32" | "float16", "shards": [{"name", "rows"}], "rows": rows in all shards,
+"live": rows not deleted, "deleted": file name or null, "failed": {relative path: reason} (files that
+could not be read at the last run; not in the gallery), "ann": {"file", "rows", "factory", ...} or null}``.
 
-A gallery only makes sense with the model that encoded it, so it records the
-model's fingerprint (:func:`model_fingerprint`) and :meth:`GalleryIndex.check_model`
-refuses another model, naming both. ``"checkpoint"`` is where the model came
-from (a pretrained folder or ``.ckpt`` file, made absolute, or a hub id); it is
-only for messages: the fingerprint decides.
+Row ``i`` of the gallery is row ``i - offset`` of the shard it falls in (shards in
+manifest order), a global id that stays fixed until the gallery is compacted.
+A file that changed is encoded into a new shard and its old row marked deleted;
+a shard is never written twice. Files are written under fresh names and the
+manifest renamed into place last (:func:`tipr.files.atomic_write`), so a reader
+sees the old gallery or the new one, whatever moment a writer is killed at
+(:mod:`tipr.search.writer`). Every file is read with ``numpy.load(allow_pickle=False)``
+or as JSON: nothing in a gallery is unpickled.
+
+Format 1, a single ``torch.save`` file of a dict (``"paths"``, ``"features"``,
+``"sizes"``, ``"mtimes"``, ``"root"``, ``"model"``, ``"failed"``), is still read
+(``torch.load(weights_only=True)``: tensors and plain containers only) for search;
+``tipr index`` writes format 2 only, into a folder.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
-import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import numpy as np
 import torch
 
-from tipr.files import atomic_write
+from tipr.search.identity import describe_model, model_fingerprint, model_identity
 
-if TYPE_CHECKING:
-    from tipr.model import TIPRModel
-
-__all__ = ["GALLERY_FORMAT", "GALLERY_VERSION", "GalleryError", "GalleryIndex", "model_fingerprint", "model_identity"]
+__all__ = [
+    "GALLERY_FORMAT", "GALLERY_VERSION", "MANIFEST", "GalleryError", "GalleryIndex", "Shard", "meta_array",
+    "model_fingerprint", "model_identity",
+]
 
 GALLERY_FORMAT = "tipr-gallery"
-GALLERY_VERSION = 1
+GALLERY_VERSION = 2
+MANIFEST = "manifest.json"
+DTYPES = ("float32", "float16")
 
 
 class GalleryError(ValueError):
-    """A gallery file that is not one, is damaged, or belongs to another model."""
+    """A gallery that is not one, is damaged, or belongs to another model."""
 
 
-_fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+def meta_array(paths: list[str], sizes, mtimes) -> np.ndarray:
+    """The per-row metadata of a shard: a structured array of path (UTF-8 bytes), size, mtime_ns."""
+    encoded = [p.encode("utf-8") for p in paths]
+    width = max((len(p) for p in encoded), default=1) or 1
+    meta = np.zeros(len(encoded), dtype=[("path", f"S{width}"), ("size", "<i8"), ("mtime_ns", "<i8")])
+    meta["path"], meta["size"], meta["mtime_ns"] = encoded, sizes, mtimes
+    return meta
 
 
-def model_fingerprint(model: TIPRModel) -> str:
-    """SHA-256 (hex) over the dual encoder's weights (names, dtypes, shapes, bytes), image size and text length.
-
-    Only ``model.clip`` counts: the ID classifier and the method's heads change no
-    feature. Hashing runs at about 1.7 GB/s (0.4 s for ViT-B/16); the result is
-    kept per model until a weight is replaced or changed in place (tensor
-    version counters), so searching query after query does not hash again.
-    """
-    state = model.clip.state_dict()
-    key = tuple((name, t.data_ptr(), t._version, t.dtype) for name, t in state.items())
-    cached = _fingerprints.get(model)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    size = [int(s) for s in model.encoder_config.image_size]
-    h = hashlib.sha256(f"tipr-model image_size={size} text_length={int(model.encoder_config.text_length)}\n".encode())
-    for name, tensor in state.items():
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name} {t.dtype} {tuple(tensor.shape)}\n".encode())
-        h.update(t.view(torch.uint8).numpy())
-    fingerprint = h.hexdigest()
-    _fingerprints[model] = (key, fingerprint)
-    return fingerprint
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise GalleryError(f"gallery file {path} cannot be read: {type(e).__name__}: {e}") from e
 
 
-def model_identity(model: TIPRModel, checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
-    """What a gallery records about the model that encoded it (see the module docstring).
+@dataclass(frozen=True)
+class Shard:
+    """One shard of a gallery: ``features`` ``(n, D)`` and ``meta`` ``(n,)`` (memory-mapped when on disk)."""
 
-    ``checkpoint``: where the model came from; a local path is made absolute, a hub id kept as it is.
-    """
-    if checkpoint is not None:
-        checkpoint = str(Path(checkpoint).resolve()) if Path(checkpoint).expanduser().exists() else str(checkpoint)
-    return {
-        "fingerprint": model_fingerprint(model),
-        "checkpoint": checkpoint,
-        "image_size": [int(s) for s in model.encoder_config.image_size],
-        "text_length": int(model.encoder_config.text_length),
-        "embed_dim": int(model.embed_dim),
-    }
-
-
-def describe_model(identity: dict[str, Any]) -> str:
-    """A model identity for people: where it came from, fingerprint prefix, input size, text length."""
-    h, w = identity["image_size"]
-    name = identity["checkpoint"] or "an unnamed model"
-    return f"{name} (fingerprint {identity['fingerprint'][:12]}, image {h}x{w}, text length {identity['text_length']})"
-
-
-@dataclass
-class GalleryIndex:
-    """L2-normalised features of the images under ``root``, with what incremental indexing needs.
-
-    ``features`` ``(N, D)`` float32, row ``i`` for ``paths[i]`` (relative, POSIX).
-    ``file`` is where it was loaded from or saved to (for messages; not saved).
-    What one indexing run did is not part of the gallery: :func:`~tipr.search.build_index`
-    returns it beside the gallery, as an :class:`~tipr.search.IndexReport`.
-    """
-
-    root: str
-    paths: list[str]
-    features: torch.Tensor
-    sizes: torch.Tensor  # int64 (N,)
-    mtimes: torch.Tensor  # int64 (N,), st_mtime_ns
-    model: dict[str, Any]
-    failed: dict[str, str] = field(default_factory=dict)
-    file: str | None = None
+    name: str
+    features: np.ndarray
+    meta: np.ndarray
+    offset: int  # global id of its first row
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.meta)
+
+
+class GalleryIndex:
+    """An opened gallery (:meth:`load`): memory-mapped shards, the deleted rows, the model that encoded it.
+
+    ``len(gallery)`` counts live rows. :attr:`live` are their global ids, :attr:`paths`
+    their relative paths, :attr:`features` their features as one float32 tensor
+    (read into memory: for a small gallery; search reads the shards chunk by chunk).
+    """
+
+    def __init__(self, *, root: str, model: dict[str, Any], dim: int, shards: list[Shard],
+                 deleted: np.ndarray | None = None, failed: dict[str, str] | None = None,
+                 file: str | None = None, ann: dict[str, Any] | None = None, dtype: str = "float32"):
+        self.root, self.model, self.dim, self.shards, self.dtype = root, dict(model), int(dim), shards, dtype
+        self.deleted = np.zeros(0, np.int64) if deleted is None else np.asarray(deleted, np.int64)
+        self.failed = dict(failed or {})
+        self.file, self.ann = file, ann
+
+    def __len__(self) -> int:
+        return self.rows - len(self.deleted)
+
+    def __repr__(self) -> str:
+        return f"GalleryIndex({self.name!r}, {len(self)} images under {self.root}, {len(self.shards)} shards)"
 
     @property
     def name(self) -> str:
-        """The gallery file, or a description of an unsaved gallery, for messages."""
+        """The gallery folder (or format-1 file), or a description of an unsaved gallery, for messages."""
         return self.file or f"the unsaved gallery of {self.root}"
 
-    def to(self, device: str | torch.device) -> GalleryIndex:
-        """The same gallery with its features on ``device`` (keep them there for repeated searches)."""
-        return replace(self, features=self.features.to(device))
+    @property
+    def rows(self) -> int:
+        """Rows in all shards, deleted ones included: global ids are ``0 .. rows - 1``."""
+        return sum(len(s) for s in self.shards)
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the gallery file (format in the module docstring) atomically (:func:`tipr.files.atomic_write`)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "format": GALLERY_FORMAT,
-            "version": GALLERY_VERSION,
-            "root": self.root,
-            "paths": list(self.paths),
-            "features": self.features.detach().float().cpu().contiguous(),
-            "sizes": self.sizes.cpu(),
-            "mtimes": self.mtimes.cpu(),
-            "model": dict(self.model),
-            "failed": dict(self.failed),
-        }
-        with atomic_write(path) as f:
-            torch.save(payload, f)
-        self.file = str(path)
+    @property
+    def blocks(self) -> list[np.ndarray]:
+        """The shards' feature arrays, in global row order."""
+        return [s.features for s in self.shards]
 
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> GalleryIndex:
-        """Read a gallery file; anything else (a checkpoint, a text file...) is a :class:`GalleryError` naming it."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"gallery file {path} does not exist (build one with 'tipr index')")
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle errors, zip errors, disallowed globals of other torch files, ...
-            raise GalleryError(f"{path} is not a tipr gallery file (cannot be read as one: {type(e).__name__})") from e
-        if not isinstance(data, dict) or data.get("format") != GALLERY_FORMAT:
-            raise GalleryError(
-                f"{path} is not a tipr gallery file (expected a dict with 'format': {GALLERY_FORMAT!r}; "
-                f"build one with 'tipr index')"
-            )
-        if data.get("version") != GALLERY_VERSION:
-            raise GalleryError(
-                f"{path} is gallery format version {data.get('version')!r}; this tipr reads version {GALLERY_VERSION}"
-            )
-        try:
-            gallery = cls(
-                root=str(data["root"]),
-                paths=list(data["paths"]),
-                features=data["features"],
-                sizes=data["sizes"],
-                mtimes=data["mtimes"],
-                model=dict(data["model"]),
-                failed=dict(data["failed"]),
-                file=str(path),
-            )
-        except KeyError as e:
-            raise GalleryError(f"gallery file {path} is damaged: no {e.args[0]!r} entry") from e
-        n = len(gallery.paths)
-        tensors = (gallery.features, gallery.sizes, gallery.mtimes)
-        shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in tensors]
-        if shapes[1:] != [(n,), (n,)] or len(shapes[0]) != 2 or shapes[0][0] != n:
-            raise GalleryError(f"gallery file {path} is damaged: {n} paths but features/sizes/mtimes of shapes {shapes}")
-        return gallery
+    @cached_property
+    def live(self) -> np.ndarray:
+        """Global ids of the rows not deleted, ascending (int64)."""
+        keep = np.ones(self.rows, dtype=bool)
+        keep[self.deleted] = False
+        return np.flatnonzero(keep)
+
+    def _meta(self, field: str) -> np.ndarray:
+        parts = [np.asarray(s.meta[field]) for s in self.shards]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64 if field != "path" else "S1")
+
+    @cached_property
+    def paths(self) -> list[str]:
+        """Relative paths of the live rows, in global row order."""
+        return [p.decode("utf-8") for p in self._meta("path")[self.live].tolist()]
+
+    @cached_property
+    def features(self) -> torch.Tensor:
+        """Features of the live rows ``(len, D)`` float32, read into memory."""
+        return torch.from_numpy(self.gather(self.live))
+
+    def path(self, row: int) -> str:
+        """The relative path of global row ``row``."""
+        shard = self.shards[self._shard_of(np.asarray([row]))[0]]
+        return bytes(shard.meta["path"][row - shard.offset]).decode("utf-8")
+
+    def _shard_of(self, rows: np.ndarray) -> np.ndarray:
+        offsets = np.asarray([s.offset for s in self.shards], np.int64)
+        return np.searchsorted(offsets, rows, side="right") - 1
+
+    def gather(self, rows) -> np.ndarray:
+        """Features of global ids ``rows`` as float32 ``(len(rows), D)``, in that order."""
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        out = np.empty((len(rows), self.dim), np.float32)
+        which = self._shard_of(rows)
+        for s in np.unique(which):
+            take = np.flatnonzero(which == s)
+            shard = self.shards[s]
+            local = rows[take] - shard.offset
+            order = np.argsort(local, kind="stable")  # memmaps read fastest in file order
+            out[take[order]] = shard.features[local[order]]
+        return out
+
+    def entries(self) -> dict[str, tuple[int, int, int]]:
+        """``{path: (size, mtime_ns, global id)}`` of the live rows: what incremental indexing compares."""
+        live = self.live
+        paths = self._meta("path")[live].tolist()
+        sizes, mtimes = self._meta("size")[live].tolist(), self._meta("mtime_ns")[live].tolist()
+        return {p.decode("utf-8"): (s, m, int(r)) for p, s, m, r in zip(paths, sizes, mtimes, live.tolist())}
+
+    def under(self, prefix: str) -> np.ndarray:
+        """Global ids of the live rows whose path starts with ``prefix`` (a sub-folder: ``"cam1/"``, ``"2026-12-01/"``)."""
+        prefix = prefix.lstrip("/")
+        if not prefix:
+            return self.live
+        match = np.char.startswith(self._meta("path"), prefix.encode("utf-8"))
+        return self.live[match[self.live]]
 
     def check_model(self, identity: dict[str, Any]) -> None:
         """Raise :class:`GalleryError` naming both models if ``identity`` (:func:`model_identity`) is not the gallery's."""
@@ -196,5 +191,87 @@ class GalleryIndex:
             raise GalleryError(
                 f"gallery {self.name} was indexed with another model: {describe_model(self.model)}; "
                 f"the model given is {describe_model(identity)}. Use the gallery's model, "
-                f"or index the images again with {given} into another gallery file"
+                f"or index the images again with {given} into another gallery folder"
             )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> GalleryIndex:
+        """Open a gallery folder (format 2) or a format-1 file; anything else is a :class:`GalleryError` naming it."""
+        path = Path(path)
+        if path.is_dir():
+            return _load_folder(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"gallery {path} does not exist (build one with 'tipr index')")
+        return _load_version_1(path)
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of a gallery folder, checked for format and version."""
+    file = folder / MANIFEST
+    if not file.is_file():
+        raise GalleryError(f"{folder} is not a tipr gallery folder (no {MANIFEST}; build one with 'tipr index')")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise GalleryError(f"gallery manifest {file} cannot be read: {type(e).__name__}: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != GALLERY_FORMAT:
+        raise GalleryError(f"{file} is not a tipr gallery manifest (expected 'format': {GALLERY_FORMAT!r})")
+    if manifest.get("version") != GALLERY_VERSION:
+        raise GalleryError(f"{file} is gallery format version {manifest.get('version')!r}; "
+                           f"this tipr reads version {GALLERY_VERSION}")
+    return manifest
+
+
+def open_shard(folder: Path, name: str, rows: int, dim: int, dtype: str, offset: int) -> Shard:
+    """A shard's two files, memory-mapped and checked against what the manifest or a journal says."""
+    features, meta = _load_npy(folder / f"{name}.features.npy"), _load_npy(folder / f"{name}.meta.npy")
+    if features.shape != (rows, dim) or features.dtype != np.dtype(dtype):
+        raise GalleryError(f"gallery file {folder / name}.features.npy is damaged: {features.dtype} "
+                           f"{features.shape}, expected {dtype} {(rows, dim)}")
+    if meta.shape != (rows,) or meta.dtype.names != ("path", "size", "mtime_ns"):
+        raise GalleryError(f"gallery file {folder / name}.meta.npy is damaged: {meta.dtype} {meta.shape}, "
+                           f"expected {rows} rows of (path, size, mtime_ns)")
+    return Shard(name, features, meta, offset)
+
+
+def _load_folder(folder: Path) -> GalleryIndex:
+    manifest = read_manifest(folder)
+    try:
+        dim, dtype = int(manifest["dim"]), str(manifest["dtype"])
+        shards, offset = [], 0
+        for entry in manifest["shards"]:
+            shards.append(open_shard(folder, entry["name"], int(entry["rows"]), dim, dtype, offset))
+            offset += int(entry["rows"])
+        deleted = _load_npy(folder / manifest["deleted"]) if manifest["deleted"] else None
+        gallery = GalleryIndex(root=str(manifest["root"]), model=manifest["model"], dim=dim, shards=shards,
+                               deleted=None if deleted is None else np.array(deleted), failed=manifest["failed"],
+                               file=str(folder), ann=manifest.get("ann"), dtype=dtype)
+    except KeyError as e:
+        raise GalleryError(f"gallery manifest {folder / MANIFEST} is damaged: no {e.args[0]!r} entry") from e
+    bad = gallery.deleted[(gallery.deleted < 0) | (gallery.deleted >= offset)]
+    if len(bad) or len(np.unique(gallery.deleted)) != len(gallery.deleted) or len(gallery) != manifest.get("live"):
+        raise GalleryError(f"gallery {folder} is damaged: its deleted rows do not fit its {offset} rows "
+                           f"and {manifest.get('live')} live ones")
+    return gallery
+
+
+def _load_version_1(path: Path) -> GalleryIndex:
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, zip errors, disallowed globals of other torch files, ...
+        raise GalleryError(f"{path} is not a tipr gallery (not a folder, and cannot be read as a "
+                           f"format-1 gallery file: {type(e).__name__})") from e
+    if not isinstance(data, dict) or data.get("format") != GALLERY_FORMAT or data.get("version") != 1:
+        raise GalleryError(f"{path} is not a tipr gallery (expected a gallery folder, or a format-1 file: "
+                           f"a dict with 'format': {GALLERY_FORMAT!r}, 'version': 1; build one with 'tipr index')")
+    try:
+        features = data["features"].float().numpy()
+        n, paths = len(data["paths"]), list(data["paths"])
+        if features.shape[0] != n or tuple(data["sizes"].shape) != (n,) or tuple(data["mtimes"].shape) != (n,):
+            raise GalleryError(f"gallery file {path} is damaged: {n} paths but features of shape {features.shape}")
+        meta = meta_array(paths, data["sizes"].numpy(), data["mtimes"].numpy())
+        return GalleryIndex(root=str(data["root"]), model=dict(data["model"]), dim=features.shape[1],
+                            shards=[Shard("version-1", features, meta, 0)], failed=dict(data["failed"]),
+                            file=str(path))
+    except KeyError as e:
+        raise GalleryError(f"gallery file {path} is damaged: no {e.args[0]!r} entry") from e
