@@ -285,17 +285,19 @@ def write_gallery(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty folder: write a gallery to a new folder")
-    features = torch.nn.functional.normalize(torch.as_tensor(np.asarray(features), dtype=torch.float32), dim=-1)
-    if features.dim() != 2 or len(features) != len(paths) or len(set(paths)) != len(paths):
+    features = features if isinstance(features, np.ndarray) else np.asarray(features)  # a memmap stays one
+    if features.ndim != 2 or len(features) != len(paths) or len(set(paths)) != len(paths):
         raise ValueError(f"expected {len(paths)} unique paths and features of shape ({len(paths)}, D), "
                          f"got {len(set(paths))} unique paths and features of shape {tuple(features.shape)}")
-    stats = np.zeros((len(paths), 2), np.int64) if stats is None else np.asarray(stats, np.int64)
+    n, dim = features.shape
+    stats = np.zeros((n, 2), np.int64) if stats is None else np.asarray(stats, np.int64)
     model = dict(model or {"fingerprint": None, "checkpoint": None, "image_size": None, "text_length": None,
-                           "embed_dim": int(features.shape[1])})
+                           "embed_dim": int(dim)})
     with gallery_lock(out):
-        sink = ShardSink(out, fingerprint=model.get("fingerprint"), dim=features.shape[1], dtype=dtype,
-                         shard_rows=shard_rows)
-        sink.add(list(paths), stats, features.numpy())
+        sink = ShardSink(out, fingerprint=model.get("fingerprint"), dim=dim, dtype=dtype, shard_rows=shard_rows)
+        for start in range(0, n, shard_rows):  # a shard at a time: memory stays one shard, not N x D
+            chunk = torch.from_numpy(np.ascontiguousarray(features[start:start + shard_rows], dtype=np.float32))
+            sink.add(list(paths[start:start + shard_rows]), stats[start:start + shard_rows],
+                     torch.nn.functional.normalize(chunk, dim=-1).numpy())
         sink.close()
-        return commit(out, root=str(Path(root or ".").resolve()), model=model, dim=features.shape[1], dtype=dtype,
-                      compact=False)
+        return commit(out, root=str(Path(root or ".").resolve()), model=model, dim=dim, dtype=dtype, compact=False)
