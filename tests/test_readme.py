@@ -98,3 +98,45 @@ def test_index_and_search_command_lines(workspace, monkeypatch, capsys):
         assert main(shlex.split(line)[1:]) == 0, line
     printed = capsys.readouterr().out
     assert "query 1:" in printed
+
+
+def test_the_serve_command_line_serves_the_gallery_the_readme_indexed(workspace, monkeypatch):
+    """The README's 'tipr index' then 'tipr serve' (on any free port): the page and a text search answer."""
+    import http.client
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tipr.commands import main
+    from tipr.pretrained import load_pretrained
+    from tipr.search import GalleryIndex, search
+
+    monkeypatch.chdir(workspace)
+    for line in command_lines(("tipr index",)):
+        assert main(shlex.split(line)[1:]) == 0, line
+    (serve,) = command_lines(("tipr serve",))
+    argv = shlex.split(serve)[2:] + ["--port", "0"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "tipr.serve.command", *argv], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = process.stdout.readline()
+        url = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert url, line + process.stderr.read()[-2000:]
+        connection = http.client.HTTPConnection("127.0.0.1", int(url.group(1)), timeout=60)
+        connection.request("GET", "/")
+        page = connection.getresponse()
+        assert page.status == 200 and b"tipr search" in page.read()
+        query = "a woman in a red coat"
+        connection.request("POST", "/api/search/text", json.dumps({"queries": [query], "top_k": 3}),
+                           {"content-type": "application/json"})
+        answer = connection.getresponse()
+        hits = json.loads(answer.read())["results"][0]["hits"]
+        model, processor = load_pretrained(shlex.split(serve)[shlex.split(serve).index("--model") + 1])
+        gallery = GalleryIndex.load(shlex.split(serve)[shlex.split(serve).index("--gallery") + 1])
+        expected = search(model, processor, gallery, query, top_k=3)[0]
+        assert answer.status == 200 and [h["path"] for h in hits] == [h.path for h in expected]
+    finally:
+        process.terminate()
+        process.wait(10)

@@ -20,6 +20,7 @@ MODEL_COMMANDS = {
     "search": ("tipr.search.commands:search", "rank a gallery index by text queries"),
     "convert": ("tipr.convert.command:convert", "turn an IRRA/SEN or OpenAI CLIP checkpoint into a pretrained folder"),
     "export-onnx": ("tipr.search.onnx:export_onnx", "export the image encoder to ONNX (fp32, int8) for fast CPU indexing"),
+    "serve": ("tipr.serve.command:serve", "serve a gallery as a web page and JSON API (search by text or photo)"),
 }
 
 
