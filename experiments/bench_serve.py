@@ -108,7 +108,9 @@ def main() -> None:
         parts = urlsplit(url)
         connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
         sequential = [send(connection, job)[1] for job in jobs]
+        connection.close()  # idle during the load: the server would close it (keep-alive timeout)
         result = run_load(url, jobs, clients=args.clients, seconds=args.seconds, max_requests=args.requests)
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
         _, health = send(connection, type(jobs[0])("GET", "/api/health"))
         connection.close()
         print(f"{len(gallery):,} images; {len(jobs)} distinct requests ({len(QUERIES) + 1} text, {len(photos)} photo)")
