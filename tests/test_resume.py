@@ -126,3 +126,79 @@ def test_last_checkpoint_is_written_at_epoch_ends_and_by_time_and_atomically(tmp
     assert renamed[-1][1] == "last.ckpt" and renamed[-1][0].startswith(".last.ckpt.")  # a same-folder partial
     assert renamed[-1][0].endswith(".partial") and last.path.is_file()
     assert torch.load(last.path, map_location="cpu", weights_only=False)["global_step"] == 24
+
+
+#: The scenario of a killed run resumed by hand, small: validation every epoch, tested after fit.
+MOMENT_RUN = ("--data.synthetic.num_train_ids=60", "--data.synthetic.num_val_ids=20",
+              "--data.synthetic.num_test_ids=20", "--trainer.max_epochs=3", "--trainer.check_val_every_n_epoch=1",
+              "--test_after_fit=true")
+
+
+def kill_config(path: Path, event: int, log_file: Path | None = None) -> Path:
+    log = f"\n        log_file: {log_file}" if log_file else ""
+    path.write_text("trainer:\n  callbacks:\n    - class_path: fault_injection.KillAtEvent\n"
+                    f"      init_args:\n        event: {event}{log}\n")
+    return path
+
+
+def run_outcome(out: Path) -> tuple[dict, dict, dict]:
+    """The test table, the best checkpoint's weights and the final weights (``last.ckpt``, written at the
+    last epoch's end) of the newest run folder under ``out``. The final weights catch a resumed run that
+    went astray after its best epoch, which the first two would not show."""
+    run = max((out / "lightning_logs").iterdir(), key=lambda p: int(p.name.split("_")[1]))
+    (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    weights = [torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+               for path in (best, run / "checkpoints" / "last.ckpt")]
+    return json.loads((run / "test_results.json").read_text()), *weights
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One whole run, listing every moment it passes (``KillAtEvent`` with no kill)."""
+    root = tmp_path_factory.mktemp("moments")
+    log = root / "moments.txt"
+    ok(fit(root / "data", root / "whole", *MOMENT_RUN, "--config", str(kill_config(root / "log.yaml", 0, log)),
+           "--last_checkpoint.every_n_train_steps=0"))
+    moments = [line.split() for line in log.read_text().splitlines()]  # [count, kind, epoch, step]
+    return root, moments, run_outcome(root / "whole")
+
+
+def kill_then_resume(root: Path, event: int) -> tuple[dict, dict]:
+    out = root / f"killed-{event}"
+    extra = ("--last_checkpoint.every_n_train_steps=0",)
+    killed = fit(root / "data", out, *MOMENT_RUN, *extra, "--config", str(kill_config(root / f"{event}.yaml", event)))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    ok(fit(root / "data", out, *MOMENT_RUN, *extra, "--ckpt_path", "last"))
+    return run_outcome(out)
+
+
+def same_outcome(got: tuple, expected: tuple) -> bool:
+    """Same machine, same arithmetic: the table and every weight exactly."""
+    same_weights = all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
+                       for a, b in zip(got[1:], expected[1:]))
+    return got[0] == expected[0] and same_weights
+
+
+@pytest.mark.slow
+def test_killed_right_after_an_epoch_end_checkpoint_resumes_to_the_uninterrupted_run(uninterrupted):
+    """The first optimiser step after epoch 0's last.ckpt: the resumed run starts from a checkpoint
+    written at an epoch's end, which Lightning does not treat as a restart (it used to replay epoch 0's
+    batches in epoch 1 with loader workers). The test table, the best and the final weights equal the
+    whole run's."""
+    root, moments, expected = uninterrupted
+    first_last = next(i for i, m in enumerate(moments) if m[1] == "epoch_end")
+    event = next(int(m[0]) for m in moments[first_last:] if m[1] == "batch")
+    assert same_outcome(kill_then_resume(root, event), expected), moments[event - 1]
+
+
+@pytest.mark.exhaustive
+def test_killed_at_every_moment_of_a_run_resumes_to_the_uninterrupted_run(uninterrupted):
+    """Every moment (each step, inside and after validation, before each checkpoint's rename, at each
+    epoch's end, around the pretrained export): kill there, resume with --ckpt_path last, and get
+    the whole run's test table, best and final weights. About 8 minutes: ``pytest -m exhaustive``."""
+    root, moments, expected = uninterrupted
+    failed = []
+    for count, kind, epoch, step in moments:
+        if not same_outcome(kill_then_resume(root, int(count)), expected):
+            failed.append(f"{count} {kind} (epoch {epoch}, step {step})")
+    assert failed == [], failed

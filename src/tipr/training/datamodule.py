@@ -52,6 +52,19 @@ class ResumableLoader(DataLoader):
     """
 
     batches_done = None
+    epoch_to_run = None
+
+    def __iter__(self):
+        # Lightning makes a run's first iterator before its first set_epoch, and with worker processes an
+        # iterator draws the epoch's indices at once. A run resumed from a checkpoint written at an epoch's
+        # end is not "restarting" for Lightning, which then never calls load_state_dict below either: its
+        # first epoch replayed epoch 0's batches. The epoch is set here, when the iterator is made. (Not in
+        # train_dataloader: Lightning reads len() before this, and it must be the length an uninterrupted run
+        # read at epoch 0, which fixes the steps per epoch and the LR curve.)
+        epoch = self.epoch_to_run() if self.epoch_to_run is not None else None
+        if epoch is not None and epoch != self.sampler.epoch:
+            self.sampler.set_epoch(epoch)
+        return super().__iter__()
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": int(self.sampler.epoch), "batches_done": int(self.batches_done() if self.batches_done else 0)}
@@ -310,7 +323,7 @@ class TIPRDataModule(L.LightningDataModule):
         sampler = self.train_sampler()
         loader = ResumableLoader(self.train_set, batch_size=sampler.local_batch_size, sampler=sampler,
                                  drop_last=True, **self._loader_options())
-        loader.batches_done = self._batches_done
+        loader.batches_done, loader.epoch_to_run = self._batches_done, self._epoch_to_run
         return loader
 
     def train_sampler(self):
@@ -320,6 +333,10 @@ class TIPRDataModule(L.LightningDataModule):
         local_batch_size(self.batch_size, world)  # names the options if W does not divide batch_size
         return SAMPLERS[self.sampler](self.train_set.labels, self.batch_size, self.num_instance,
                                       num_replicas=world, rank=rank, seed=self.seed, sample_seeds=True)
+
+    def _epoch_to_run(self) -> int | None:
+        """The epoch the fit loop runs next (its processed-epochs counter, what Lightning gives ``set_epoch``)."""
+        return int(self.trainer.fit_loop.epoch_progress.current.processed) if self.trainer is not None else None
 
     def _batches_done(self) -> int:
         """Training batches completed (stepped) in the current epoch, from the trainer's progress counter."""
