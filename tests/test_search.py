@@ -505,6 +505,12 @@ def test_queries_from_a_file_and_a_contact_sheet(trained, photos, tmp_path, caps
     code, _, err = run(capsys, "search", "--model", trained.folder, "--gallery", gallery_file, "--query", "x",
                        "--out", tmp_path / "sheet")
     assert code == 1 and f"--out {tmp_path / 'sheet'}: expected an image file name" in err
+    for blank in ("", "   "):  # an empty query would rank the gallery by nothing
+        code, _, err = run(capsys, "search", "--model", trained.folder, "--gallery", gallery_file, "--query", "a man",
+                           "--query", blank)
+        assert code == 2 and "--query 2 of 2 is blank" in err
+        with pytest.raises(ValueError, match="query 2 is blank"):
+            search(trained.model, trained.processor, GalleryIndex.load(gallery_file), ["a man", blank])
     (tmp_path / "blank.txt").write_text("\n  \n")
     code, _, err = run(capsys, "search", "--model", trained.folder, "--gallery", gallery_file, "--queries",
                        tmp_path / "blank.txt")

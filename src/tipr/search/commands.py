@@ -184,7 +184,12 @@ def search(
     """
     from PIL import Image
 
-    texts = list(query or []) + (read_queries(queries) if queries else [])
+    blank = [i for i, text in enumerate(query or [], start=1) if not text.strip()]
+    if blank:
+        print(f"tipr search: error: --query {blank[0]} of {len(query)} is blank: describe the person to find",
+              file=sys.stderr)
+        return 2
+    texts = [text.strip() for text in query or []] + (read_queries(queries) if queries else [])
     if not texts:
         print("tipr search: error: give at least one query: --query TEXT or --queries FILE "
               "(a file with no non-blank line holds none)", file=sys.stderr)

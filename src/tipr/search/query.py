@@ -139,6 +139,9 @@ def search(
         raise GalleryError(f"gallery {gallery.name} holds no images")
     if len(queries) == 0:
         return []
+    blank = [i for i, text in enumerate(queries, start=1) if not str(text).strip()]
+    if blank:
+        raise ValueError(f"query {blank[0]} is blank: describe the person to find")
     return search_features(gallery, encode_queries(model, processor, queries, batch_size), top_k,
                            prefix=prefix, exact=exact)
 
