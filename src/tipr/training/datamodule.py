@@ -336,7 +336,8 @@ class TIPRDataModule(L.LightningDataModule):
 
     def _epoch_to_run(self) -> int | None:
         """The epoch the fit loop runs next (its processed-epochs counter, what Lightning gives ``set_epoch``)."""
-        return int(self.trainer.fit_loop.epoch_progress.current.processed) if self.trainer is not None else None
+        fit_loop = getattr(self.trainer, "fit_loop", None)  # None: no trainer, or a stand-in without loops
+        return int(fit_loop.epoch_progress.current.processed) if fit_loop is not None else None
 
     def _batches_done(self) -> int:
         """Training batches completed (stepped) in the current epoch, from the trainer's progress counter."""
