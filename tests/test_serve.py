@@ -314,6 +314,7 @@ def test_the_page_in_a_real_browser(setup, server, tmp_path, capsys):
     """Headless Chromium: type a query and press Enter, see the hits 'tipr search' prints; the address holds
     the query; upload a photo; 'more like this'; the JSON download."""
     from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -329,7 +330,12 @@ def test_the_page_in_a_real_browser(setup, server, tmp_path, capsys):
     options.add_experimental_option("prefs", {"download.default_directory": str(tmp_path / "downloads"),
                                               "download.prompt_for_download": False})
     driver = webdriver.Chrome(service=Service(str(driver_path)), options=options)
-    wait = WebDriverWait(driver, 30)
+    # The page replaces its grid on every search: an element found a moment ago may be gone, so waits retry.
+    wait = WebDriverWait(driver, 30, ignored_exceptions=(StaleElementReferenceException,))
+
+    def texts(selector: str) -> list[str]:  # read in one script: no element can go stale in between
+        return driver.execute_script(
+            "return [...document.querySelectorAll(arguments[0])].map(e => e.textContent)", selector)
     try:
         driver.get(server.url + "/")
         wait.until(lambda d: "images under" in d.find_element(By.ID, "gallery-info").text)
@@ -337,9 +343,8 @@ def test_the_page_in_a_real_browser(setup, server, tmp_path, capsys):
         top_k.clear()
         top_k.send_keys("4")
         driver.find_element(By.ID, "query").send_keys(QUERIES[2], Keys.ENTER)
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".hit")) == 4)
-        shown = [(h.find_element(By.CSS_SELECTOR, ".path").text, h.find_element(By.CSS_SELECTOR, ".score").text)
-                 for h in driver.find_elements(By.CSS_SELECTOR, ".hit")]
+        wait.until(lambda d: d.find_element(By.ID, "status").text == f'4 hits for "{QUERIES[2]}"')
+        shown = list(zip(texts(".hit .path"), texts(".hit .score")))
         code = main(["search", "--model", str(setup["root"] / "model"), "--gallery", str(setup["root"] / "gallery"),
                      "--query", QUERIES[2], "--top_k", "4", "--device", "cpu"])
         printed = [line.split(maxsplit=2) for line in capsys.readouterr().out.splitlines() if line[:4].strip().isdigit()]
@@ -360,19 +365,18 @@ def test_the_page_in_a_real_browser(setup, server, tmp_path, capsys):
         shared = driver.current_url  # the address reproduces the search
         driver.get("about:blank")
         driver.get(shared)
-        wait.until(lambda d: [h.find_element(By.CSS_SELECTOR, ".path").text
-                              for h in d.find_elements(By.CSS_SELECTOR, ".hit")] == [p for p, _ in shown])
+        wait.until(lambda d: texts(".hit .path") == [p for p, _ in shown])
 
         photo = setup["photos"] / "cam2" / "p08.jpg"
         driver.find_element(By.ID, "photo").send_keys(str(photo))
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".hit .path")
-                   and d.find_elements(By.CSS_SELECTOR, ".hit .path")[0].text == "cam2/p08.jpg")
-        assert driver.find_elements(By.CSS_SELECTOR, ".hit .score")[0].text == "1.0000"
+        wait.until(lambda d: d.find_element(By.ID, "status").text == f"{len(shown)} hits like p08.jpg")
+        assert texts(".hit .path")[0] == "cam2/p08.jpg" and texts(".hit .score")[0] == "1.0000"
 
         second = driver.find_elements(By.CSS_SELECTOR, ".hit")[1]
-        path = second.find_element(By.CSS_SELECTOR, ".path").text
+        path, row = second.find_element(By.CSS_SELECTOR, ".path").text, second.get_attribute("data-row")
         second.find_element(By.CSS_SELECTOR, ".more").click()
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".hit .path")[0].text == path)
+        wait.until(lambda d: d.find_element(By.ID, "status").text == f"{len(shown)} hits like row {row}")
+        assert texts(".hit .path")[0] == path
         assert "similar=" in driver.current_url
         driver.find_elements(By.CSS_SELECTOR, ".hit img")[0].click()
         wait.until(lambda d: d.find_element(By.ID, "viewer").is_displayed())
