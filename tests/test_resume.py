@@ -195,7 +195,7 @@ def test_killed_right_after_an_epoch_end_checkpoint_resumes_to_the_uninterrupted
 def test_killed_at_every_moment_of_a_run_resumes_to_the_uninterrupted_run(uninterrupted):
     """Every moment (each step, inside and after validation, before each checkpoint's rename, at each
     epoch's end, around the pretrained export): kill there, resume with --ckpt_path last, and get
-    the whole run's test table, best and final weights. About 8 minutes: ``pytest -m exhaustive``."""
+    the whole run's test table, best and final weights. 35 moments, 12.5 minutes here: ``pytest -m exhaustive``."""
     root, moments, expected = uninterrupted
     failed = []
     for count, kind, epoch, step in moments:

@@ -4,7 +4,7 @@
 trained model outside a Trainer. Each is a plain function whose signature and
 docstring are its options (jsonargparse), so it reads ``--config file.yaml`` like
 ``tipr fit``, and none of them imports Lightning. A bool option is also a switch
-(``--int8``, ``--no_int8``). Every other command (``fit``, ``validate``,
+(``--int8``, ``--no_int8``). ``tipr serve`` serves a gallery over HTTP (:mod:`tipr.serve`). Every other command (``fit``, ``validate``,
 ``test``) goes to :mod:`tipr.cli` (LightningCLI).
 """
 
