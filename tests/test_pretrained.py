@@ -60,7 +60,7 @@ def test_round_trip_keeps_weights_config_and_losses(tmp_path, fp16):
 
 
 def test_from_pretrained_names_what_is_wrong(tmp_path, folder):
-    with pytest.raises(FileNotFoundError, match="no-such-folder: expected a pretrained folder"):
+    with pytest.raises(FileNotFoundError, match="no-such-folder: no such folder; expected a pretrained folder"):
         SENModel.from_pretrained(tmp_path / "no-such-folder")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="lacks config.json, model.safetensors"):

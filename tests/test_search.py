@@ -457,13 +457,17 @@ def test_a_file_that_is_not_a_gallery_is_refused_by_name(trained, photos, tmp_pa
     assert code == 1 and f"gallery {tmp_path / 'missing'} does not exist" in err
 
 
-def test_a_model_that_cannot_be_loaded_is_named_with_its_option(trained, photos, tmp_path, capsys):
-    for model, message in ((tmp_path / "nowhere", f"--model: {tmp_path / 'nowhere'}: expected a pretrained folder"),
+def test_a_model_that_cannot_be_loaded_is_named_with_its_option(trained, photos, tmp_path, capsys, monkeypatch):
+    for model, message in ((tmp_path / "nowhere", f"--model: {tmp_path / 'nowhere'}: no such folder; expected a pretrained folder"),
                            (tmp_path / "best.ckpt", f"--model {tmp_path / 'best.ckpt'}: no such checkpoint file"),
                            (photos / "notes.txt", f"--model: {photos / 'notes.txt'} is not a loadable tipr checkpoint")):
         code, _, err = run(capsys, "index", "--model", model, "--images", photos, "--out", tmp_path / "g",
                            "--device", "cpu")
         assert code == 1 and err.startswith("tipr index: error: ") and message in err, err
+    monkeypatch.chdir(tmp_path)  # a relative path that cannot be a hub id is a folder that is not there
+    code, _, err = run(capsys, "index", "--model", "outputs/run/pretrained", "--images", photos, "--out",
+                       tmp_path / "g", "--device", "cpu")
+    assert code == 1 and "--model: outputs/run/pretrained: no such folder; expected a pretrained folder" in err, err
     code, _, err = run(capsys, "index", "--model", trained.folder, "--images", photos, "--out", tmp_path / "g",
                        "--device", "gpu7")
     assert code == 1 and "--device 'gpu7' is not a torch device" in err

@@ -23,15 +23,17 @@ def pretrained_files(
 ) -> dict[str, Path]:
     """Local paths of ``filenames`` from a folder, or downloaded from a hub id.
 
-    A value that exists on disk, or looks like a path (starts with ``.``, ``/`` or
-    ``~``), is a folder and never touches the network; a missing file names the
+    A value that exists on disk, looks like a path (starts with ``.``, ``/`` or
+    ``~``) or cannot be a hub id (``outputs/run/pretrained``) is a folder and never
+    touches the network; a missing file names the
     folder and the file.
     """
     text = str(name_or_path)
     folder = Path(text).expanduser()
-    if folder.exists() or text.startswith((".", "/", "~")):
+    if folder.exists() or text.startswith((".", "/", "~")) or not _hub_id(text):
         if not folder.is_dir():
-            raise FileNotFoundError(f"{text}: expected a pretrained folder (with {', '.join(filenames)}), found none")
+            what = "no such folder" if not folder.exists() else "not a folder"
+            raise FileNotFoundError(f"{text}: {what}; expected a pretrained folder (with {', '.join(filenames)})")
         missing = [name for name in filenames if not (folder / name).is_file()]
         if missing:
             raise FileNotFoundError(
@@ -49,6 +51,17 @@ def pretrained_files(
         }
     except Exception as e:  # offline, unknown repo, missing file: name what was asked for
         raise OSError(f"could not fetch {list(filenames)} of the hub model {text!r}: {type(e).__name__}: {e}") from e
+
+
+def _hub_id(text: str) -> bool:
+    """Whether ``text`` can be a hub id (``name`` or ``namespace/name``); anything else is a local path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
 
 
 def load_weights(model: nn.Module, path: str | Path, map_location: str | torch.device = "cpu") -> None:
