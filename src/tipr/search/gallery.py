@@ -134,8 +134,12 @@ class GalleryIndex:
         return np.flatnonzero(keep)
 
     def _meta(self, field: str) -> np.ndarray:
-        parts = [np.asarray(s.meta[field]) for s in self.shards]
-        return np.concatenate(parts) if parts else np.zeros(0, np.int64 if field != "path" else "S1")
+        """One metadata column over all shards, read once per opened gallery (prefix searches reuse it)."""
+        cache = self.__dict__.setdefault("_columns", {})
+        if field not in cache:
+            parts = [np.asarray(s.meta[field]) for s in self.shards]
+            cache[field] = np.concatenate(parts) if parts else np.zeros(0, np.int64 if field != "path" else "S1")
+        return cache[field]
 
     @cached_property
     def paths(self) -> list[str]:
@@ -152,9 +156,12 @@ class GalleryIndex:
         shard = self.shards[self._shard_of(np.asarray([row]))[0]]
         return bytes(shard.meta["path"][row - shard.offset]).decode("utf-8")
 
+    @cached_property
+    def _offsets(self) -> np.ndarray:
+        return np.asarray([s.offset for s in self.shards], np.int64)
+
     def _shard_of(self, rows: np.ndarray) -> np.ndarray:
-        offsets = np.asarray([s.offset for s in self.shards], np.int64)
-        return np.searchsorted(offsets, rows, side="right") - 1
+        return np.searchsorted(self._offsets, rows, side="right") - 1
 
     def gather(self, rows) -> np.ndarray:
         """Features of global ids ``rows`` as float32 ``(len(rows), D)``, in that order."""
