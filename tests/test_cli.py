@@ -51,11 +51,86 @@ def test_wrong_dataset_root_fails_at_once_naming_the_path(tmp_path):
     assert str(missing) in str(err.value)
 
 
-def test_misspelt_option_is_a_cli_error(capsys):
+def test_misspelt_option_is_a_short_cli_error_with_did_you_mean(capsys):
+    """Not the 110-line usage: one usage line, the error, the closest options (a method's nested ones too)."""
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(EXPERIMENTS / "synthetic.yaml"), "--model.mask_ratoi=0.5"])
+        main(["fit", "--config", str(EXPERIMENTS / "synthetic.yaml"), "--model.mask_ratoi=0.5", "--data.batchsize=3"])
     assert exit_info.value.code == 2
-    assert "mask_ratoi" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--model.mask_ratoi: did you mean --model.method.mask_ratio?" in err
+    assert "--data.batchsize: did you mean --data.batch_size?" in err
+    assert len(err.splitlines()) <= 6, err
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(EXPERIMENTS / "synthetic.yaml"), "--model.method.restoration_wieght=5"])
+    err = capsys.readouterr().err
+    assert "--model.method.restoration_wieght: did you mean --model.method.restoration_weight" in err
+
+
+def test_tipr_help_lists_every_command_and_a_wrong_one_gets_a_suggestion(capsys):
+    from tipr.commands import MODEL_COMMANDS, main as tipr
+
+    assert tipr(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in ("fit", "validate", "test", *MODEL_COMMANDS):
+        assert f"\n  {name} " in out, name
+    assert tipr([]) == 2 and "index" in capsys.readouterr().err
+    assert tipr(["fti"]) == 2
+    assert "unknown command 'fti'; did you mean fit?" in capsys.readouterr().err
+
+
+def run_tipr_failing(args: list[str], env: dict | None = None) -> str:
+    """``tipr <args>``, which must fail with exit code 1 and a one-line error: its stderr."""
+    proc = subprocess.run([TIPR, *args], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith(f"tipr {args[0]}: error: "), proc.stderr[-3000:]
+    return errors[0]
+
+
+@pytest.mark.slow
+def test_configuration_errors_are_one_line_naming_the_option(tmp_path):
+    missing = tmp_path / "no-such-root"
+    line = run_tipr_failing(["fit", "--config", str(EXPERIMENTS / "sen_base.yaml"), "--config",
+                             str(EXPERIMENTS / "sen_cuhk_pedes.yaml"), "--data.root", str(missing), "--model.backbone=tiny"])
+    assert str(missing) in line
+    line = run_tipr_failing(["fit", *small_run(tmp_path), "--model.method.mask_ratio=1.0"])
+    assert "mask_ratio" in line
+    # 3 processes cannot split a batch of 32: refused before any process starts, so said once, not 3 times
+    line = run_tipr_failing(["fit", *small_run(tmp_path), "--trainer.devices=3"])
+    assert "data.batch_size=32" in line and "3 (trainer.devices x trainer.num_nodes)" in line
+    assert not (tmp_path / "out" / "lightning_logs").exists()
+
+
+def test_no_config_names_the_missing_config_and_asks_the_hub_once(tmp_path):
+    """``tipr fit --model.method=sen`` (no --config): the default backbone is a hub id. Without a network it is one
+    line at once (one probe, not huggingface_hub's 30 s of retries), saying that no --config was given."""
+    dead_hub = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
+    line = run_tipr_failing(["fit", "--model.method=sen"], env=dead_hub)
+    assert "model.backbone='openai/clip-vit-base-patch16'" in line and "the hub cannot be reached" in line
+
+
+def test_a_hub_id_is_looked_up_in_the_cache_then_probed_once(monkeypatch):
+    import transformers
+
+    from tipr.model import backbone
+
+    calls = []
+
+    def from_pretrained(name, **kwargs):
+        calls.append(kwargs.get("local_files_only"))
+        raise OSError("not in the cache")
+
+    monkeypatch.setattr(transformers.CLIPModel, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(backbone, "hub_unreachable", lambda: "no route")
+    with pytest.raises(OSError, match=r"not in the local Hugging Face cache and the hub cannot be reached \(no route\)"):
+        backbone.build_clip("someone/some-clip")
+    assert calls == [True]  # the cache only: no download with retries was started
+    monkeypatch.setattr(backbone, "hub_unreachable", lambda: None)
+    with pytest.raises(OSError, match="could not load the CLIP backbone"):
+        backbone.build_clip("someone/some-clip")
+    assert calls == [True, True, None]  # reachable: then the real download
 
 
 def sweep_arguments(sweep: dict) -> list[str]:

@@ -27,7 +27,15 @@ is one nested option: ``--model.method=irra`` (a registered name, see
   ``fit`` ends;
 - after ``validate`` / ``test``: a results table in the layout of the paper's
   (R1 / R5 / R10 / mAP / mINP, text-to-image), also written to
-  ``<log_dir>/<stage>_results.json``.
+  ``<run folder>/<stage>_results.json``; ``tipr test --ckpt_path`` of a
+  checkpoint inside a run folder logs into ``<run folder>/test-<checkpoint name>/``
+  instead of starting another ``version_N``;
+- every run's files in its own folder (:func:`tipr.training.checkpointing.run_folder`):
+  ``version_N`` for the CSV logger, ``<project>/<run id>`` for W&B, whose
+  ``trainer.log_dir`` is the ``save_dir`` all runs share;
+- errors for people: a misspelt option gets one usage line and "did you mean"
+  (:mod:`tipr.usage`), and a batch the processes cannot split is refused before
+  any process is started.
 
 The optimiser and schedule are the methods' recipe, owned by ``TIPRModule`` (its
 ``lr``, ``warmup_epochs``... arguments, the method's parameter groups), so
@@ -36,22 +44,27 @@ LightningCLI's generic ``--optimizer`` / ``--lr_scheduler`` options are not offe
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
+import warnings
 from pathlib import Path
 
 from collections.abc import Sequence
 
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from tipr.methods import METHODS, config_class_path
+from tipr.data.samplers import local_batch_size
+from tipr.methods import METHODS, config_class_path, method_spec
 from tipr.model.config import MethodConfig
-from tipr.training.checkpointing import AtomicCheckpointIO, LastCheckpoint, resume_version
+from tipr.training.checkpointing import AtomicCheckpointIO, LastCheckpoint, resume_version, run_folder
 from tipr.training.datamodule import TIPRDataModule
 from tipr.training.module import TIPRModule
 from tipr.training.panels import RetrievalPanels
+from tipr.usage import ShortErrors
 
 METRIC_NAMES = ("R1", "R5", "R10", "mAP", "mINP")
 
@@ -88,12 +101,65 @@ def format_results_table(results: dict[str, float], dataset: str, method: str) -
     return "\n".join([header, *rows])
 
 
+class TIPRArgumentParser(ShortErrors, LightningArgumentParser):
+    """LightningCLI's parser with short usage errors; every method's ``--model.method.<field>`` is a known name."""
+
+    @property
+    def extra_options(self) -> tuple[str, ...]:
+        return tuple(sorted({f"--model.method.{field.name}" for name in METHODS
+                             for field in dataclasses.fields(method_spec(name).config_class)}))
+
+
+class RunConfig(SaveConfigCallback):
+    """Writes the run's config to ``<run folder>/config.yaml`` (LightningCLI's own callback writes to
+    ``trainer.log_dir``, which for W&B is the ``save_dir`` every run shares)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved:
+            return
+        folder = run_folder(trainer)  # a collective under DDP
+        if trainer.is_global_zero:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, str(folder / self.config_filename), skip_none=False,
+                             overwrite=self.overwrite, multifile=self.multifile)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+
+class _DropLines(logging.Filter):
+    """Drops Lightning's advertisement for another logging service from every run's output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_lightning() -> None:
+    """Silence lines every run printed that say nothing about it: the litlogger tip and torch's deprecation of
+    ``LeafSpec`` inside Lightning's own code. (The model summary is off by default: ``tipr fit`` prints the
+    method and its parameter count; ``--trainer.enable_model_summary=true`` brings it back.)"""
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropLines) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropLines())
+
+
 class TIPRCLI(LightningCLI):
-    """LightningCLI with the links, checkpointing and result tables of ``tipr``."""
+    """LightningCLI with the links, checkpointing, run folders and result tables of ``tipr``."""
 
     def __init__(self, *args, **kwargs):
         set_parsing_settings(subclasses_enabled=[MethodConfig])  # --model.method takes any method's config
+        quiet_lightning()
+        kwargs.setdefault("parser_class", TIPRArgumentParser)
+        kwargs.setdefault("save_config_callback", RunConfig)
         super().__init__(*args, **kwargs)
+
+    def setup_parser(self, add_subcommands, main_kwargs, subparser_kwargs) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        # tipr prints its own results table: Lightning's repeats every metric once per eval loader.
+        for subcommand in ("validate", "test"):
+            parser = getattr(self, "_subcommand_parsers", {}).get(subcommand)
+            if parser is not None:
+                parser.set_defaults(verbose=False)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -115,6 +181,7 @@ class TIPRCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
+                "trainer.enable_model_summary": False,  # tipr: training <method>, <N> parameters says it
                 "checkpoint.monitor": "val/R1",
                 "checkpoint.mode": "max",
                 "checkpoint.save_last": False,  # last.ckpt is LastCheckpoint's (epoch ends and every N minutes)
@@ -137,28 +204,44 @@ class TIPRCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        """``fit --ckpt_path``: log into the run folder the checkpoint belongs to (``last``: the newest one)."""
-        config = self.config.get(self.subcommand) if self.subcommand == "fit" else None
+        """Log into the run folder ``--ckpt_path`` belongs to (``last``: the newest one): ``fit`` resumes
+        there; ``validate`` / ``test`` write ``<run folder>/<stage>-<checkpoint name>/``."""
+        config = self.config.get(self.subcommand) if self.subcommand else None
         if config is None or not config.get("ckpt_path"):
             return
         logger = config.trainer.get("logger")
         init_args = getattr(logger, "init_args", None)
         if init_args is None or "version" not in init_args or init_args.get("version") is not None:
-            return  # no logger with numbered run folders configured, or a version chosen by the user
+            return  # no logger with run folders configured, or a version chosen by the user
+        wandb = str(logger.class_path).endswith("WandbLogger")
+        if wandb and (self.subcommand != "fit" or init_args.get("id") is not None):
+            return  # an evaluation is a W&B run of its own; a given id is the user's choice
         save_dir = init_args.get("save_dir") or config.trainer.get("default_root_dir") or "."
-        name = init_args.get("name")
+        name = init_args.get("project" if wandb else "name")
         name = "lightning_logs" if name is None else name
-        found = resume_version(config.ckpt_path, Path(save_dir) / name, config.trainer.get("default_root_dir") or ".")
+        found = resume_version(config.ckpt_path, Path(save_dir) / name, config.trainer.get("default_root_dir") or ".",
+                               numbered=not wandb)
         if found is None:
             return
-        config.ckpt_path, init_args.version = found
+        config.ckpt_path, version = found
+        if self.subcommand != "fit":
+            init_args.version = f"version_{version}/{self.subcommand}-{Path(config.ckpt_path).stem}"
+            config.checkpoint.dirpath = config.checkpoint.get("dirpath") or str(Path(config.ckpt_path).parent)
+            return
+        init_args.version = version
+        if wandb:
+            return
         # The CSV logger starts metrics.csv afresh in an existing folder: keep the first part's beside it.
-        metrics = Path(save_dir) / name / f"version_{init_args.version}" / "metrics.csv"
+        metrics = Path(save_dir) / name / f"version_{version}" / "metrics.csv"
         if metrics.is_file() and os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":
             part = 1
             while metrics.with_name(f"metrics.part{part}.csv").exists():
                 part += 1
             os.replace(metrics, metrics.with_name(f"metrics.part{part}.csv"))
+
+    def before_fit(self) -> None:
+        """Refuse a global batch the processes cannot split before any process is started (each would say so)."""
+        local_batch_size(self.datamodule.batch_size, self.trainer.num_devices * self.trainer.num_nodes)
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
@@ -171,7 +254,7 @@ class TIPRCLI(LightningCLI):
             return
         checkpoint = self.trainer.checkpoint_callback
         ckpt_path = "best" if checkpoint is not None and checkpoint.best_model_path else None
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)
         self._report("test")
 
     def after_validate(self) -> None:
@@ -186,8 +269,7 @@ class TIPRCLI(LightningCLI):
             for key, value in self.trainer.callback_metrics.items()
             if key.startswith(f"{stage}/") and key.split("/", 1)[1].removeprefix("i2t_") in METRIC_NAMES
         }
-        # trainer.log_dir is a broadcast under DDP: every rank must ask for it.
-        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        log_dir = run_folder(self.trainer)  # a broadcast under DDP: every rank must ask for it
         if not self.trainer.is_global_zero or not results:
             return
         table = format_results_table(results, dataset=self.datamodule.dataset, method=self.model.method_name)
@@ -196,7 +278,7 @@ class TIPRCLI(LightningCLI):
         (log_dir / f"{stage}_results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
 
 
-def main(args: list[str] | None = None, epilog: str | None = None) -> None:
+def main(args: list[str] | None = None) -> None:
     """LightningCLI over :class:`TIPRModule` and :class:`TIPRDataModule` (``tipr fit``, ``tipr test``, ...).
 
     The ``tipr`` console script is :func:`tipr.commands.main`, which sends the model
@@ -213,7 +295,6 @@ def main(args: list[str] | None = None, epilog: str | None = None) -> None:
         TIPRDataModule,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"epilog": epilog} if epilog else {},
         args=args,
     )
 

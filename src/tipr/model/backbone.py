@@ -22,6 +22,7 @@ adds that table as is: no interpolation ever runs in a training step.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +30,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from tipr.model.hub import hub_unreachable
 
 CLIP_VOCAB_SIZE = 49408
 CLIP_SOT_TOKEN_ID = 49406
@@ -97,18 +100,22 @@ def build_clip(backbone: str | Mapping[str, Any], text_length: int = 77):
         is_folder = folder.is_dir()
         if not is_folder and (backbone.startswith((".", "/", "~")) or folder.exists()):
             raise FileNotFoundError(f"backbone {backbone!r}: expected a CLIP checkpoint folder, found none")
+        expected = f"expected a preset {sorted(BACKBONE_PRESETS)}, a local CLIP checkpoint folder or a Hugging Face hub id"
+        load = functools.partial(CLIPModel.from_pretrained, str(folder) if is_folder else backbone,
+                                 dtype=torch.float32, attn_implementation="sdpa")
         try:
-            model = CLIPModel.from_pretrained(
-                str(folder) if is_folder else backbone,
-                dtype=torch.float32,
-                attn_implementation="sdpa",
-                local_files_only=is_folder,
-            )
+            model = load(local_files_only=True)  # a folder, or a hub id already in the local cache
         except OSError as err:
-            raise OSError(
-                f"could not load the CLIP backbone model.backbone={backbone!r} (expected a preset {sorted(BACKBONE_PRESETS)}, "
-                f"a local CLIP checkpoint folder or a Hugging Face hub id): {err}"
-            ) from err
+            if is_folder:
+                raise OSError(f"could not load the CLIP backbone model.backbone={backbone!r} ({expected}): {err}") from err
+            offline = hub_unreachable()
+            if offline:
+                raise OSError(f"model.backbone={backbone!r} ({expected}) is not in the local Hugging Face cache and "
+                              f"the hub cannot be reached ({offline}); give a local CLIP folder or a config") from None
+            try:
+                model = load()
+            except OSError as err:
+                raise OSError(f"could not load the CLIP backbone model.backbone={backbone!r} ({expected}): {err}") from err
     _check_text_length(model.config, text_length)
     # The losses use a fixed temperature; CLIP's learnable logit scale stays out of the optimiser.
     model.logit_scale.requires_grad_(False)

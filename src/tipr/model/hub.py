@@ -43,13 +43,22 @@ def pretrained_files(
         return {name: folder / name for name in filenames}
     from huggingface_hub import hf_hub_download
 
+    def fetch(local: bool) -> dict[str, Path]:
+        return {name: Path(hf_hub_download(text, name, revision=revision, cache_dir=cache_dir,
+                                           local_files_only=local, token=token)) for name in filenames}
+
     try:
-        return {
-            name: Path(hf_hub_download(text, name, revision=revision, cache_dir=cache_dir,
-                                       local_files_only=local_files_only, token=token))
-            for name in filenames
-        }
-    except Exception as e:  # offline, unknown repo, missing file: name what was asked for
+        return fetch(local=True)  # in the local cache: no request at all
+    except Exception as e:
+        if local_files_only:
+            raise OSError(f"the hub model {text!r} is not in the local cache ({list(filenames)}): {e}") from e
+    offline = hub_unreachable()
+    if offline:
+        raise OSError(f"the hub model {text!r} is not in the local cache and the hub cannot be reached ({offline}); "
+                      f"expected a pretrained folder or a reachable hub id")
+    try:
+        return fetch(local=False)
+    except Exception as e:  # unknown repo, missing file: name what was asked for
         raise OSError(f"could not fetch {list(filenames)} of the hub model {text!r}: {type(e).__name__}: {e}") from e
 
 
@@ -87,3 +96,23 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
             + "; ".join(d for d in details if d)
         )
     model.load_state_dict(state, strict=True)
+
+
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached now (``HF_HUB_OFFLINE``, no route, no name service), or None.
+
+    One request, no retries: ``huggingface_hub`` retries a failed download with
+    back-off (about 30 s in all) before it gives up, so a model that is not in the
+    local cache is looked up here first and the error comes at once.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as e:  # httpx's connection and timeout errors; the hub's own errors mean it answered
+        if type(e).__module__.split(".")[0].startswith("httpx") or isinstance(e, OSError):
+            return f"{constants.ENDPOINT}: {type(e).__name__}: {e}"
+    return None
