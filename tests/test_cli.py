@@ -209,7 +209,38 @@ def test_end_to_end_fit_then_test_through_the_cli(tmp_path):
     assert all(torch.equal(exported[k], from_checkpoint[k]) for k in exported)
     test = run_tipr(["test", *run, "--ckpt_path", str(best[0])], timeout=300)
     assert "| SEN (text-to-image) |" in test.stdout
-    assert read_results(tmp_path / "out") == pytest.approx(after_fit, abs=1e-6)
+    # the checkpoint's run folder keeps the evaluation: no second version_N
+    run_folder = best[0].parent.parent
+    assert sorted(p.name for p in run_folder.parent.iterdir()) == [run_folder.name]
+    assert json.loads((run_folder / f"test-{best[0].stem}" / "test_results.json").read_text()) == pytest.approx(after_fit, abs=1e-6)
+    # lines every run used to print that say nothing about it (issue 21)
+    for proc in (fit, test):
+        output = proc.stdout + proc.stderr
+        for noise in ("weights_only", "Total FLOPs", "DataLoader 1", "dirpath has changed", "LeafSpec", "litlogger"):
+            assert noise not in output, (noise, output[-3000:])
+
+
+@pytest.mark.slow
+def test_wandb_runs_keep_their_own_folders_and_resume_into_them(tmp_path):
+    """With experiments/wandb.yaml (offline) two runs do not overwrite each other: each keeps checkpoints,
+    last.ckpt, config, results and pretrained folder in <save_dir>/tipr/<run id>/, and --ckpt_path last
+    continues the newest one in its folder."""
+    run = [*small_run(tmp_path), "--config", str(EXPERIMENTS / "wandb.yaml"), "--trainer.logger.init_args.save_dir",
+           str(tmp_path / "out"), "--trainer.check_val_every_n_epoch=1", "--test_after_fit=false"]
+    for _ in range(2):
+        run_tipr(["fit", *run, "--trainer.max_epochs=1"], timeout=300)
+    runs = sorted((tmp_path / "out" / "tipr").iterdir())
+    assert len(runs) == 2
+    for folder in runs:
+        for name in ("checkpoints/last.ckpt", "config.yaml", "pretrained/model.safetensors"):
+            assert (folder / name).is_file(), (folder, name)
+    shared = {p.name for p in (tmp_path / "out").iterdir()}
+    assert shared == {"tipr", "wandb"}, shared  # nothing of a run in the shared save_dir
+    newest = max(runs, key=lambda folder: (folder / "checkpoints" / "last.ckpt").stat().st_mtime)
+    resumed = run_tipr(["fit", *run, "--trainer.max_epochs=2", "--ckpt_path", "last"], timeout=300)
+    assert f"Restored all states from the checkpoint at {newest / 'checkpoints' / 'last.ckpt'}" in resumed.stdout + resumed.stderr
+    assert sorted((tmp_path / "out" / "tipr").iterdir()) == runs
+    assert torch.load(newest / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")["epoch"] == 1
 
 
 @pytest.mark.slow

@@ -101,6 +101,22 @@ def test_resume_version_finds_the_run_folder_and_prefers_a_newer_slurm_checkpoin
     assert resume_version("last", logs, hpc_dir=tmp_path) == (str(hpc), 3)
 
 
+def test_resume_version_of_wandb_run_folders_named_by_run_id(tmp_path):
+    """W&B runs live in <save_dir>/<project>/<run id>/: "last" is the newest last.ckpt, a path gives its run id."""
+    from tipr.training.checkpointing import resume_version
+
+    project = tmp_path / "tipr"
+    for run_id, mtime in (("zzz111", 100), ("aaa222", 200)):
+        (project / run_id / "checkpoints").mkdir(parents=True)
+        (project / run_id / "checkpoints" / "last.ckpt").write_bytes(b"x")
+        os.utime(project / run_id / "checkpoints" / "last.ckpt", (mtime, mtime))
+    (project / "not-a-run").mkdir()
+    newest = project / "aaa222" / "checkpoints" / "last.ckpt"
+    assert resume_version("last", project, numbered=False) == (str(newest), "aaa222")
+    assert resume_version(str(project / "zzz111" / "checkpoints" / "last.ckpt"), project, numbered=False)[1] == "zzz111"
+    assert resume_version(str(project / "not-a-run" / "x.ckpt"), project, numbered=False) is None
+
+
 def test_last_checkpoint_is_written_at_epoch_ends_and_by_time_and_atomically(tmp_path, monkeypatch):
     """A time interval shorter than a step: saved at every clock check (every TIME_CHECK_STEPS steps) and at
     each epoch end; written through a same-folder temporary file renamed into place."""

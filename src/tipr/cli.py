@@ -209,6 +209,9 @@ class TIPRCLI(LightningCLI):
         config = self.config.get(self.subcommand) if self.subcommand else None
         if config is None or not config.get("ckpt_path"):
             return
+        ckpt_path = str(config.ckpt_path)
+        if ckpt_path not in ("last", "best", "hpc", "registry") and "://" not in ckpt_path and not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file; expected a .ckpt file or 'last'")
         logger = config.trainer.get("logger")
         init_args = getattr(logger, "init_args", None)
         if init_args is None or "version" not in init_args or init_args.get("version") is not None:

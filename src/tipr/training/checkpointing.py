@@ -6,11 +6,15 @@
 - :class:`LastCheckpoint` keeps ``last.ckpt`` fresh: at the end of every
   training epoch and every ``every_n_minutes`` of training (or every
   ``every_n_train_steps``), so a killed run loses at most that much work.
-- :func:`resume_version` finds the run folder (``version_N``) a checkpoint
-  belongs to, so a resumed ``tipr fit`` logs into the same folder and its
-  best-checkpoint callback keeps the best-so-far of the first part.
+- :func:`run_folder` is the run's own folder, where its checkpoints, config,
+  results and pretrained folder go: ``<save_dir>/<name>/version_N`` for the CSV
+  logger, ``<save_dir>/<project>/<run id>`` for W&B (whose ``trainer.log_dir`` is
+  the ``save_dir`` every run shares).
+- :func:`resume_version` finds the run folder (``version_N``, or a W&B run id)
+  a checkpoint belongs to, so a resumed ``tipr fit`` logs into the same folder and
+  its best-checkpoint callback keeps the best-so-far of the first part.
 - :func:`export_pretrained` writes the best checkpoint's network and processor
-  as a pretrained folder, ``<log_dir>/pretrained``, when fit ends.
+  as a pretrained folder, ``<run folder>/pretrained``, when fit ends.
 """
 
 from __future__ import annotations
@@ -27,9 +31,26 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from tipr.files import atomic_folder, atomic_write
 
-__all__ = ["AtomicCheckpointIO", "LastCheckpoint", "export_pretrained", "newest_checkpoint", "resume_version"]
+__all__ = ["AtomicCheckpointIO", "LastCheckpoint", "export_pretrained", "newest_checkpoint", "resume_version", "run_folder"]
 
 _VERSION = re.compile(r"^version_(\d+)$")
+
+
+def run_folder(trainer) -> Path:
+    """This run's folder: the one ``ModelCheckpoint`` puts ``checkpoints/`` in when no ``dirpath`` is given.
+
+    ``<save_dir>/<name>/<version>`` of the first logger: ``version_N`` under the CSV
+    logger's name, the run id under a W&B project; ``default_root_dir`` without a
+    logger. A collective under DDP (rank 0's answer is broadcast), as ``trainer.log_dir`` is.
+    """
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        version = logger.version
+        version = version if isinstance(version, str) else f"version_{version}"
+        folder = os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), version)
+    else:
+        folder = trainer.default_root_dir
+    return Path(trainer.strategy.broadcast(folder))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -50,8 +71,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class LastCheckpoint(Callback):
     """Writes ``last.ckpt`` at every training-epoch end and every ``every_n_minutes`` (or ``every_n_train_steps``).
 
-    The file goes to the best-checkpoint callback's folder (the run's ``checkpoints/``),
-    where ``--ckpt_path last`` finds it.
+    The file goes to the best-checkpoint callback's folder (``<run folder>/checkpoints/``
+    unless ``--checkpoint.dirpath`` says otherwise), where ``--ckpt_path last`` finds it.
 
     Args:
         every_n_minutes: wall-clock minutes of training between saves inside an epoch
@@ -74,7 +95,7 @@ class LastCheckpoint(Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         best = trainer.checkpoint_callback
-        folder = best.dirpath if best is not None and best.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+        folder = best.dirpath if best is not None and best.dirpath else run_folder(trainer) / "checkpoints"
         self.path = Path(folder) / self.FILENAME
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -99,34 +120,43 @@ class LastCheckpoint(Callback):
 
 
 def resume_version(
-    ckpt_path: str, log_root: str | os.PathLike, hpc_dir: str | os.PathLike | None = None
-) -> tuple[str, int] | None:
-    """``(checkpoint, N)`` when ``ckpt_path`` resumes run folder ``<log_root>/version_N``, else None.
+    ckpt_path: str, log_root: str | os.PathLike, hpc_dir: str | os.PathLike | None = None, *, numbered: bool = True
+) -> tuple[str, int | str] | None:
+    """``(checkpoint, version)`` when ``ckpt_path`` resumes a run folder under ``log_root``, else None.
 
-    ``ckpt_path="last"`` picks the highest ``version_N`` under ``log_root`` that has
-    ``checkpoints/last.ckpt``, or the ``hpc_ckpt_*.ckpt`` in ``hpc_dir`` when that is
-    newer (Lightning writes it when SLURM signals a requeue; it belongs to the newest
-    run); a path inside ``<log_root>/version_N/`` gives that ``N``.
+    ``numbered`` (the CSV logger): run folders are ``version_N`` and the version is
+    ``N``; ``ckpt_path="last"`` picks the highest ``N`` that has ``checkpoints/last.ckpt``.
+    Otherwise (W&B: ``<project>/<run id>``) any folder holding ``checkpoints/`` is a
+    run, its name the version, and ``"last"`` picks the newest ``last.ckpt``. An
+    ``hpc_ckpt_*.ckpt`` in ``hpc_dir`` newer than that wins (Lightning writes it when
+    SLURM signals a requeue; it belongs to the newest run). A path inside a run
+    folder gives that folder's version.
     """
     root = Path(log_root)
+
+    def version_of(folder: Path) -> int | str | None:
+        if numbered:
+            m = _VERSION.match(folder.name)
+            return int(m.group(1)) if m else None
+        return folder.name if (folder / "checkpoints").is_dir() else None
+
     if ckpt_path == "last":
         found = [
-            (int(m.group(1)), d / "checkpoints" / "last.ckpt")
+            ((d / "checkpoints" / "last.ckpt").stat().st_mtime if not numbered else version, version, d / "checkpoints" / "last.ckpt")
             for d in (root.iterdir() if root.is_dir() else [])
-            if (m := _VERSION.match(d.name)) and (d / "checkpoints" / "last.ckpt").is_file()
+            if (version := version_of(d)) is not None and (d / "checkpoints" / "last.ckpt").is_file()
         ]
         if not found:
             return None
-        version, path = max(found)
+        _, version, path = max(found)
         hpc = sorted(Path(hpc_dir).glob("hpc_ckpt_*.ckpt"), key=lambda p: p.stat().st_mtime) if hpc_dir else []
         if hpc and hpc[-1].stat().st_mtime > path.stat().st_mtime:
             path = hpc[-1]
         return str(path), version
     path = Path(ckpt_path).resolve()
     for parent in path.parents:
-        m = _VERSION.match(parent.name)
-        if m and parent.parent == root.resolve():
-            return str(path), int(m.group(1))
+        if parent.parent == root.resolve() and (version := version_of(parent)) is not None:
+            return str(path), version
     return None
 
 
@@ -140,10 +170,10 @@ def newest_checkpoint(trainer) -> str | None:
 
 
 def export_pretrained(trainer, network, processor, folder: str | Path) -> Path:
-    """Write ``folder`` (``<log_dir>/pretrained``): the best checkpoint's network (the current one when
+    """Write ``folder`` (``<run folder>/pretrained``): the best checkpoint's network (the current one when
     no checkpoint callback chose a best) and the processor, for ``TIPRModel.from_pretrained``.
 
-    Called on one rank: it runs no collective (``trainer.log_dir`` is one under DDP, so the
+    Called on one rank: it runs no collective (:func:`run_folder` is one under DDP, so the
     caller asks for it on every rank)."""
     from tipr.pretrained import load_lightning_checkpoint, save_pretrained
 

@@ -5,7 +5,7 @@ parameter groups) and the warm-up + cosine schedule, logging, the retrieval
 metrics, the non-finite watch, and checkpoints that carry the model's config and
 tokenizer. The method is one nested option, ``--model.method`` (``sen``,
 ``irra``, then ``--model.method.<field>``). When fit ends it writes the best
-checkpoint's weights as a pretrained folder, ``<log_dir>/pretrained`` (read it
+checkpoint's weights as a pretrained folder, ``<run folder>/pretrained`` (read it
 with ``TIPRModel.from_pretrained`` and ``TIPRProcessor.from_pretrained``).
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -24,7 +23,7 @@ from tipr.model.backbone import BACKBONE_PRESETS
 from tipr.model.config import MethodConfig
 from tipr.pretrained import CHECKPOINT_CONFIG_KEY, CHECKPOINT_PROCESSOR_KEY
 from tipr.training import recipe
-from tipr.training.checkpointing import export_pretrained, newest_checkpoint
+from tipr.training.checkpointing import export_pretrained, newest_checkpoint, run_folder
 from tipr.training.nonfinite import NonFiniteWatch
 
 
@@ -302,6 +301,6 @@ class TIPRModule(pl.LightningModule):
         # Only runs that keep something (a logger or a checkpoint callback) leave a pretrained folder.
         trainer = self.trainer
         if trainer.loggers or trainer.checkpoint_callbacks:
-            log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
+            folder = run_folder(trainer)  # a collective under DDP: every rank asks
             if trainer.is_global_zero:
-                export_pretrained(trainer, self.network, self.processor, Path(log_dir) / "pretrained")
+                export_pretrained(trainer, self.network, self.processor, folder / "pretrained")
