@@ -90,6 +90,9 @@ def test_index_and_search_command_lines(workspace, monkeypatch, capsys):
     monkeypatch.chdir(workspace)
     lines = command_lines(("tipr index", "tipr search", "printf"))
     assert any(line.startswith("tipr index") for line in lines) and any(line.startswith("tipr search") for line in lines)
+    # running the README's examples never overwrites a tracked file (docs/ holds the pictures the README shows)
+    assert not [line for line in lines if "docs/" in line], "a README command writes into docs/"
+    (workspace / "outputs").mkdir(exist_ok=True)
     for line in lines:
         if line.startswith("printf"):  # the queries file of the worked example
             text, target = re.match(r"printf '(.*)' > (\S+)$", line).groups()
@@ -98,6 +101,7 @@ def test_index_and_search_command_lines(workspace, monkeypatch, capsys):
         assert main(shlex.split(line)[1:]) == 0, line
     printed = capsys.readouterr().out
     assert "query 1:" in printed
+    assert (workspace / "outputs" / "search_example.png").is_file()  # the worked example's sheet
 
 
 def test_the_serve_command_line_serves_the_gallery_the_readme_indexed(workspace, monkeypatch):
