@@ -144,3 +144,14 @@ def test_the_serve_command_line_serves_the_gallery_the_readme_indexed(workspace,
     finally:
         process.terminate()
         process.wait(10)
+
+
+def test_the_install_says_how_to_take_the_cpu_build_of_torch():
+    """On a machine without a GPU, PyPI's torch is the CUDA build (a 5.8 GB environment): the README installs
+    torch and torchvision from PyTorch's CPU index first, then tipr, which keeps the torch it finds."""
+    lines = [line.strip() for body in blocks("bash") for line in body.splitlines()]
+    cpu = [i for i, line in enumerate(lines) if "download.pytorch.org/whl/cpu" in line]
+    assert cpu, "no CPU install of torch in the README"
+    first = cpu[0]
+    assert lines[first].startswith("pip install torch torchvision ") and "--index-url" in lines[first]
+    assert lines[first + 1] == "pip install -e ."
