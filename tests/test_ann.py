@@ -300,3 +300,18 @@ def test_module_imports_without_faiss():
     code = "import sys; sys.modules['faiss'] = None; import tipr.search.ann; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
+
+
+def test_index_with_ann_true_without_faiss_stops_before_encoding(monkeypatch, tmp_path, tiny_pretrained, capsys):
+    from PIL import Image
+
+    from tipr.commands import run_command
+
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (16, 32), (200, 30, 30)).save(tmp_path / "photos" / "a.jpg")
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    out = tmp_path / "photos.gallery"
+    code = run_command("index", ["--model", str(tiny_pretrained), "--images", str(tmp_path / "photos"),
+                                 "--out", str(out), "--ann", "true"])
+    assert code == 1 and 'pip install "tipr[ann]"' in capsys.readouterr().err
+    assert not out.exists()  # nothing was planned or encoded

@@ -111,6 +111,10 @@ def index(
     """
     if backend == "onnx" and devices is not None:
         raise ValueError("--backend onnx runs in one process: drop --devices (or use --backend torch)")
+    if ann:  # --ann true without FAISS: say so before encoding, not after
+        from tipr.search.ann import _faiss
+
+        _faiss()
     network, processor = load_model(model, "cpu" if devices is not None or backend == "onnx" else device)
     options = dict(checkpoint=model, batch_size=batch_size, num_workers=num_workers, dtype=dtype,
                    shard_rows=shard_rows)
