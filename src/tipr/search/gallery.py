@@ -191,6 +191,18 @@ class GalleryIndex:
         match = np.char.startswith(self._meta("path"), prefix.encode("utf-8"))
         return self.live[match[self.live]]
 
+    def outside(self, prefix: str) -> np.ndarray:
+        """Sorted global ids a ``prefix`` search skips (deleted, or not under it); kept for the last 32 prefixes,
+        so query after query on one sub-folder (``tipr serve``) does not match every path again."""
+        cache = self.__dict__.setdefault("_outside", {})
+        if prefix not in cache:
+            keep = np.zeros(self.rows, bool)
+            keep[self.under(prefix)] = True
+            if len(cache) >= 32:
+                cache.pop(next(iter(cache)))
+            cache[prefix] = np.flatnonzero(~keep)
+        return cache[prefix]
+
     def check_model(self, identity: dict[str, Any]) -> None:
         """Raise :class:`GalleryError` naming both models if ``identity`` (:func:`model_identity`) is not the gallery's."""
         if identity["fingerprint"] != self.model.get("fingerprint"):

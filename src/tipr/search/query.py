@@ -83,12 +83,10 @@ def search_features(
         raise GalleryError(f"gallery {gallery.name} has no ANN index: build one with 'tipr index --ann true'")
     queries = queries.numpy()
     if prefix:
-        allowed = gallery.under(prefix)
-        if len(allowed) == 0:
+        skipped = gallery.outside(prefix)
+        if len(skipped) == gallery.rows:
             raise GalleryError(f"gallery {gallery.name} holds no image under {prefix!r}")
-        keep = np.zeros(gallery.rows, bool)
-        keep[allowed] = True
-        scores, ids = ann.exact_search(queries, gallery.blocks, top_k, deleted=np.flatnonzero(~keep))
+        scores, ids = ann.exact_search(queries, gallery.blocks, top_k, deleted=skipped)
     elif gallery.ann and exact is not True and (exact is False or len(gallery) >= ANN_MIN_ROWS):
         scores, ids = ann.ann_search(_ann_index(gallery), queries, top_k, blocks=gallery.blocks,
                                      deleted=gallery.deleted, candidates=candidates,
