@@ -214,18 +214,28 @@ def encode_into(sink: ShardSink, encoder: Callable[[torch.Tensor], torch.Tensor]
     """Encode every batch of ``loader`` (an :class:`ImageFiles` over ``paths``) into ``sink``."""
     half = device.type == "cuda"
     for batch in loader:
-        ok = [not error for error in batch["error"]]
-        for i, error in zip(batch["index"].tolist(), batch["error"]):
-            if error:
-                sink.fail(paths[i], error)
-        rows = [i for i, good in zip(batch["index"].tolist(), ok) if good]
-        if rows:
-            images = batch["pixel_values"][torch.tensor(ok)].to(device, non_blocking=True)  # (b, 3, H, W)
+        ok = torch.tensor([not error for error in batch["error"]])
+        features = None
+        if ok.any():
+            images = batch["pixel_values"][ok].to(device, non_blocking=True)  # (b, 3, H, W)
             with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=half):
                 features = torch.nn.functional.normalize(encoder(images).float(), dim=-1)
-            names = [paths[i] for i in rows]
-            sink.add(names, np.asarray([files[p] for p in names], np.int64), features.cpu().numpy())
+        record_batch(sink, batch, paths, files, features)
         on_batch(len(ok))
+
+
+def record_batch(sink: ShardSink, batch: dict[str, Any], paths: Sequence[str], files: dict[str, tuple[int, int]],
+                 features: torch.Tensor | None) -> None:
+    """Write one loaded batch to ``sink``: its unreadable files as failures, and ``features`` (one row per
+    readable image, in batch order; None when there is none) with each file's size and mtime."""
+    names = []
+    for i, error in zip(batch["index"].tolist(), batch["error"]):
+        if error:
+            sink.fail(paths[i], error)
+        else:
+            names.append(paths[i])
+    if names:
+        sink.add(names, np.asarray([files[p] for p in names], np.int64), features.cpu().numpy())
 
 
 def finish_index(plan: IndexPlan, *, compact: bool | None = None) -> tuple[GalleryIndex, IndexReport]:

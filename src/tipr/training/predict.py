@@ -25,13 +25,12 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
 from tipr.search.gallery import model_identity
-from tipr.search.indexing import ImageFiles, check_out, finish_index, plan_index
+from tipr.search.indexing import ImageFiles, check_out, finish_index, plan_index, record_batch
 from tipr.search.writer import ShardSink, gallery_lock
 
 if TYPE_CHECKING:
@@ -111,16 +110,7 @@ class GalleryShardWriter(BasePredictionWriter):
                         file=sys.stderr)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        data, sink = self.data, self.data.sink
-        names = []
-        for i, error in zip(batch["index"].tolist(), batch["error"]):
-            if error:
-                sink.fail(data.paths[i], error)
-            else:
-                names.append(data.paths[i])
-        if names:
-            stats = np.asarray([data.plan.files[p] for p in names], np.int64)
-            sink.add(names, stats, prediction.cpu().numpy())
+        record_batch(self.data.sink, batch, self.data.paths, self.data.plan.files, prediction)
         self.bar.update(min(len(batch["error"]) * trainer.world_size, self.bar.total - self.bar.n))
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
