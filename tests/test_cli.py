@@ -64,6 +64,12 @@ def test_misspelt_option_is_a_short_cli_error_with_did_you_mean(capsys):
         main(["fit", "--config", str(EXPERIMENTS / "synthetic.yaml"), "--model.method.restoration_wieght=5"])
     err = capsys.readouterr().err
     assert "--model.method.restoration_wieght: did you mean --model.method.restoration_weight" in err
+    from tipr.commands import main as tipr  # the model commands' parsers too
+
+    with pytest.raises(SystemExit) as exit_info:
+        tipr(["search", "--model", "m", "--gallry", "g", "--query", "a man"])
+    assert exit_info.value.code == 2
+    assert "--gallry: did you mean --gallery?" in capsys.readouterr().err
 
 
 def test_tipr_help_lists_every_command_and_a_wrong_one_gets_a_suggestion(capsys):

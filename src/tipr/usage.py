@@ -24,16 +24,18 @@ _UNKNOWN = re.compile(r"(--[\w.\-]+)|Parser key \"([\w.]+)\":[\s\S]*?Option '([\
 
 
 def suggest_options(unknown: str, known: Iterable[str], n: int = 3) -> list[str]:
-    """The option names of ``known`` closest to ``unknown`` (``--model.mask_ratoi``): under the same first
-    part (``--model``), those whose last part is close to its last part (``--model.method.mask_ratio``), closest first."""
-    head, *_, last = unknown.lstrip("-").split(".")
+    """The option names of ``known`` closest to ``unknown``: for a nested name (``--model.mask_ratoi``), those
+    under the same first part whose last part is close (``--model.method.mask_ratio``); for a flat one
+    (``--gallry``), the close flat names (``--gallery``). Closest first."""
+    parts = unknown.lstrip("-").split(".")
     scored = []
     for name in set(known):
-        parts = name.lstrip("-").split(".")
-        if len(parts) > 1 and parts[0] == head:
-            score = difflib.SequenceMatcher(None, parts[-1], last).ratio()
-            if score >= 0.8:
-                scored.append((-score, -difflib.SequenceMatcher(None, name, unknown).ratio(), name))
+        theirs = name.lstrip("-").split(".")
+        if (len(parts) > 1) != (len(theirs) > 1) or (len(parts) > 1 and theirs[0] != parts[0]):
+            continue
+        score = difflib.SequenceMatcher(None, theirs[-1], parts[-1]).ratio()
+        if score >= 0.8:
+            scored.append((-score, -difflib.SequenceMatcher(None, name, unknown).ratio(), name))
     return [name for *_, name in sorted(scored)[:n]]
 
 
