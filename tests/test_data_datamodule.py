@@ -11,12 +11,16 @@ from tipr.training import TIPRDataModule
 from tipr.data.datasets import GalleryImages, read_image
 from tipr.data.pruning import prune_captions
 from tipr.data.samplers import IdentitySampler, PackedIdentitySampler, RandomOrderSampler
-from tipr.data.synthetic import SyntheticConfig, generate_synthetic
+from tipr.data.synthetic import SyntheticConfig, ensure_synthetic, generate_synthetic
 from tipr.data.transforms import CLIP_MEAN, CLIP_STD, build_eval_transform, build_train_transform
 from tipr.tokenization import tokenize
 from tiny import Tiny
 
 TINY = dict(synthetic=SyntheticConfig(**Tiny.synthetic))
+
+
+def folder_bytes(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def make(root, **kwargs):
@@ -225,6 +229,37 @@ def test_synthetic_in_another_format_is_read_with_that_reader(tmp_path, caplog):
     assert (tmp_path / "synthetic" / "ICFG-PEDES.json").is_file()
     assert sorted(dm.benchmark.splits) == ["test", "train"] and dm.num_classes == 4
     assert "synthetic has no val split: validation uses the test split" in caplog.text
+
+
+def test_another_synthetic_spec_on_the_same_root_is_refused_and_the_benchmark_kept(tmp_path):
+    """The README's example on a root holding the main job's benchmark (the default spec):
+    ``--data.synthetic.num_train_ids=1000 --data.synthetic.format=ICFG-PEDES`` fails at once in one line naming
+    the folder, the fields that differ and ``--data.root``; every file is kept. Another root works, and the same
+    spec is reused as it is."""
+    root = tmp_path / "data"
+    folder = ensure_synthetic(root / "synthetic", SyntheticConfig())  # what `tipr fit --config experiments/synthetic.yaml` reads
+    before = folder_bytes(folder)
+    asked = make(root, synthetic={"num_train_ids": 1000, "format": "ICFG-PEDES"})
+    assert asked.num_classes == 1000  # lazy: nothing read or written yet
+    with pytest.raises(FileExistsError) as refused:
+        asked.prepare_data()
+    message = str(refused.value)
+    assert message == (f"{folder} holds a synthetic benchmark of another spec (num_train_ids 500 -> 1000, format CUHK-PEDES "
+                       f"-> ICFG-PEDES); it is not replaced: give another --data.root (e.g. --data.root={root}/synthetic-1000-icfg) "
+                       f"or delete {folder} to regenerate it")
+    assert folder_bytes(folder) == before  # reid_raw.json, every image of every split, synthetic.json
+    assert sorted(p.name for p in root.iterdir()) == ["synthetic"]  # nothing written beside it
+
+    tiny_icfg = {**Tiny.synthetic, "format": "ICFG-PEDES"}
+    with pytest.raises(FileExistsError, match="images_per_id 4 -> 2, .*format CUHK-PEDES -> ICFG-PEDES"):
+        make(root, synthetic=tiny_icfg).setup("fit")
+    other = make(tmp_path / "icfg", synthetic=tiny_icfg)
+    other.setup("fit")  # another root: generated there
+    assert (tmp_path / "icfg" / "synthetic" / "ICFG-PEDES.json").is_file() and other.num_classes == Tiny.synthetic["num_train_ids"]
+    stamp = (folder / "reid_raw.json").stat().st_mtime_ns
+    same = make(root, synthetic=SyntheticConfig())
+    assert same.benchmark.num_classes == 500 and (folder / "reid_raw.json").stat().st_mtime_ns == stamp  # reused
+    assert folder_bytes(folder) == before
 
 
 def test_undecodable_image_names_its_path(tmp_path):

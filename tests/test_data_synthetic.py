@@ -21,6 +21,7 @@ from tipr.data.synthetic import (
     sample_person,
     save_sample_grid,
 )
+from tipr.data.synthetic.writer import SyntheticSpecError
 
 SMALL = SyntheticConfig(num_train_ids=5, num_val_ids=2, num_test_ids=3, images_per_id=2, captions_per_image=2, image_size=(64, 32))
 
@@ -121,22 +122,83 @@ def test_a_painter_draws_only_its_own_part():
         assert rows.size and top - 1 <= rows.min() and rows.max() <= bottom + 1, (change, rows, top, bottom)
 
 
-def test_ensure_synthetic_reuses_regenerates_and_refuses_foreign_folders(tmp_path):
+def test_ensure_synthetic_reuses_its_own_spec_and_never_replaces_another(tmp_path, monkeypatch):
+    """Only a missing or empty folder is written; another spec's benchmark (or generator version's, or an unreadable
+    synthetic.json) is refused with one line naming the folder, the fields that differ and what to do."""
+    import tipr.data.synthetic.writer as writer
+
     out = tmp_path / "synthetic"
     ensure_synthetic(out, SMALL)
+    before = folder_bytes(out)
     stamp = (out / "reid_raw.json").stat().st_mtime_ns
     ensure_synthetic(out, SMALL)
     assert (out / "reid_raw.json").stat().st_mtime_ns == stamp  # reused
-    bigger = SyntheticConfig(**{**SMALL.__dict__, "num_train_ids": 6})
-    ensure_synthetic(out, bigger)
-    assert json.loads((out / META_FILE).read_text())["num_train_ids"] == 6
-    assert read_benchmark_folder(out, "CUHK-PEDES").num_classes == 6
-    assert [p.name for p in tmp_path.iterdir()] == ["synthetic"]  # no temporary folders left
+    bigger = dataclasses.replace(SMALL, num_train_ids=6, format="ICFG-PEDES")
+    with pytest.raises(SyntheticSpecError) as refused:
+        ensure_synthetic(out, bigger)
+    message = str(refused.value)
+    assert isinstance(refused.value, FileExistsError) and "\n" not in message
+    assert message == (f"{out} holds a synthetic benchmark of another spec (num_train_ids 5 -> 6, format CUHK-PEDES -> "
+                       f"ICFG-PEDES); it is not replaced: write it to another folder (e.g. {out}-6-icfg) or delete {out} "
+                       "to regenerate it")
+    assert str(refused.value.advise("--out")).endswith(f"give another --out (e.g. --out={out}-6-icfg) or delete {out} "
+                                                       "to regenerate it")
+    monkeypatch.setattr(writer, "GENERATOR_VERSION", 2)
+    with pytest.raises(SyntheticSpecError, match=r"another spec \(generator_version 1 -> 2\); .* \(e.g. .*synthetic-v2\)"):
+        ensure_synthetic(out, SMALL)
+    monkeypatch.undo()
+    assert folder_bytes(out) == before  # untouched
+    ensure_synthetic(tmp_path / "bigger", bigger)  # another folder: written
+    assert read_benchmark_folder(tmp_path / "bigger", "ICFG-PEDES").num_classes == 6
+    with pytest.raises(FileExistsError, match="generate_synthetic writes only a new or empty one"):
+        generate_synthetic(out, SMALL)  # the low-level writer does not overwrite either
+    assert folder_bytes(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bigger", "synthetic"]  # no temporary folders left
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / META_FILE).write_text("{not json")
+    with pytest.raises(SyntheticSpecError, match=f"{broken} holds a synthetic.json that cannot be read .* or delete {broken}"):
+        ensure_synthetic(broken, SMALL)
+    assert (broken / META_FILE).read_text() == "{not json"
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep")
     with pytest.raises(FileExistsError, match=f"{foreign} exists but holds no synthetic.json"):
         ensure_synthetic(foreign, SMALL)
+
+
+def test_a_killed_generation_leaves_a_hidden_partial_and_the_next_one_writes_the_folder(tmp_path):
+    """A generation killed before its rename leaves ``.<name>.<pid>.<random>.partial`` beside the target, never a
+    half-written target: the next call writes the target (an empty one too) and leaves that folder alone."""
+    partial = tmp_path / ".synthetic.4242.deadbeef.partial"
+    (partial / "imgs" / "train").mkdir(parents=True)
+    (partial / "imgs" / "train" / "00001_0.jpg").write_bytes(b"half")
+    (tmp_path / "synthetic").mkdir()  # an empty target is written, as a missing one
+    ensure_synthetic(tmp_path / "synthetic", SMALL)
+    assert folder_bytes(tmp_path / "synthetic") == folder_bytes(generate_synthetic(tmp_path / "fresh", SMALL))
+    assert (partial / "imgs" / "train" / "00001_0.jpg").read_bytes() == b"half"
+
+
+def test_the_command_writes_reuses_and_refuses_naming_out(tmp_path, capsys):
+    """``python -m tipr.data.synthetic --out X``: the same spec is reused; another one fails (exit 1) in one
+    line that names X, the fields and ``--out``; X is left as it was."""
+    from tipr.data.synthetic.__main__ import main
+
+    out = tmp_path / "synthetic"
+    small = ["--num-train-ids", "5", "--num-val-ids", "2", "--num-test-ids", "3", "--images-per-id", "2",
+             "--image-size", "64", "32"]
+    main(["--out", str(out), *small])
+    before = folder_bytes(out)
+    main(["--out", str(out), *small])
+    assert f"synthetic benchmark (CUHK-PEDES format) in {out}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(out), *small, "--seed", "3"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.count("\n") == 1
+    assert err == (f"python -m tipr.data.synthetic: error: {out} holds a synthetic benchmark of another spec (seed 0 -> 3); "
+                   f"it is not replaced: give another --out (e.g. --out={out}-seed3) or delete {out} to regenerate it\n")
+    assert folder_bytes(out) == before
 
 
 def test_sample_grid_shows_the_images_as_read_back_with_their_captions(tmp_path):

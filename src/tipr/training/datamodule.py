@@ -16,6 +16,7 @@ from tipr.data.benchmarks import BENCHMARKS, PUBLIC_COUNTS, Benchmark, read_benc
 from tipr.data.datasets import GalleryImages, QueryCaptions, TrainPairs
 from tipr.data.samplers import SAMPLERS, local_batch_size
 from tipr.data.synthetic import SyntheticConfig, ensure_synthetic
+from tipr.data.synthetic.writer import SyntheticSpecError
 from tipr.data.token_cache import caption_tokens
 from tipr.data.transforms import build_eval_transform, build_train_transform
 from tipr.model.distributed import world_and_rank
@@ -105,7 +106,9 @@ class TIPRDataModule(L.LightningDataModule):
         dataset: ``"CUHK-PEDES"``, ``"ICFG-PEDES"``, ``"RSTPReid"`` (read from
             ``<root>/<dataset>/``) or ``"synthetic"`` (generated on first use into
             ``<root>/synthetic/`` as ``synthetic`` says, then read with the
-            reader of its format, CUHK-PEDES by default).
+            reader of its format, CUHK-PEDES by default; a ``<root>/synthetic/``
+            of another spec is never replaced: a ``FileExistsError`` names the
+            fields that differ, and another ``root`` holds another spec).
         root: folder holding the dataset folders.
         image_size: model input (H, W).
         batch_size: the *global* training batch (128 in the recipe). With ``W``
@@ -219,7 +222,10 @@ class TIPRDataModule(L.LightningDataModule):
         """The benchmark, read (and validated) on first access; synthetic data is generated first if needed."""
         if self._benchmark is None:
             if self.synthetic is not None:
-                ensure_synthetic(self.folder, self.synthetic)
+                try:
+                    ensure_synthetic(self.folder, self.synthetic)
+                except SyntheticSpecError as e:  # another spec's benchmark is there: never replaced, another root
+                    raise e.advise("--data.root", self.root / f"{self.dataset}-{e.suffix}") from None
                 benchmark = read_benchmark_folder(self.folder, self.synthetic.format)
                 if benchmark.num_classes != self.synthetic.num_train_ids:
                     raise RuntimeError(f"{benchmark.annotation} has {benchmark.num_classes} training identities, "

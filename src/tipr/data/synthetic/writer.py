@@ -18,7 +18,8 @@ from tipr.data.synthetic.captions import describe
 from tipr.data.synthetic.painters import draw_person
 from tipr.files import atomic_folder
 
-__all__ = ["GENERATOR_VERSION", "META_FILE", "SyntheticConfig", "ensure_synthetic", "generate_synthetic", "save_sample_grid"]
+__all__ = ["GENERATOR_VERSION", "META_FILE", "SyntheticConfig", "SyntheticSpecError", "ensure_synthetic", "generate_synthetic",
+           "save_sample_grid"]
 
 GENERATOR_VERSION = 1
 META_FILE = "synthetic.json"
@@ -74,12 +75,16 @@ _WORD = re.compile(r"[a-z]+(?:-[a-z]+)*")
 def generate_synthetic(out_dir: str | os.PathLike, config: SyntheticConfig | None = None, **overrides) -> Path:
     """Write the synthetic benchmark to ``out_dir`` (``imgs/`` + the annotation file + ``synthetic.json``).
 
-    ``overrides`` are :class:`SyntheticConfig` fields. Returns ``out_dir``.
+    ``out_dir`` must be missing or empty (``FileExistsError`` otherwise: nothing
+    is overwritten). ``overrides`` are :class:`SyntheticConfig` fields. Returns ``out_dir``.
     """
     config = SyntheticConfig(**{**(asdict(config) if config else {}), **overrides})
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty folder: generate_synthetic writes only a new or "
+                              "empty one (ensure_synthetic reuses one of the same config)")
     fmt = BENCHMARKS[config.format]
     annotation_file, path_key, id_base, has_val = fmt.annotation_files[0], fmt.path_key, fmt.id_base, "val" in fmt.splits
-    out = Path(out_dir)
     splits = [("train", config.num_train_ids), ("val", config.num_val_ids if has_val else 0), ("test", config.num_test_ids)]
     persons = distinct_persons(sum(n for _, n in splits), np.random.default_rng([config.seed, 0]))
     entries, pid = [], 0
@@ -104,31 +109,105 @@ def generate_synthetic(out_dir: str | os.PathLike, config: SyntheticConfig | Non
     return out
 
 
+class SyntheticSpecError(FileExistsError):
+    """``folder`` holds a synthetic benchmark of another spec, or one whose ``synthetic.json`` cannot be read.
+
+    Such a folder is never deleted or replaced (other runs, galleries and
+    checkpoints may read it). ``what`` says how it differs (``"num_train_ids
+    500 -> 1000, format CUHK-PEDES -> ICFG-PEDES"``); ``suffix`` names the asked
+    spec for a folder name (``"1000-icfg"``). The message is one line and says
+    what to do; :meth:`advise` rewords it for the caller's option (``--out``,
+    ``--data.root``).
+    """
+
+    def __init__(self, folder: str | os.PathLike, what: str, suffix: str, option: str | None = None,
+                 example: str | os.PathLike | None = None):
+        self.folder, self.what, self.suffix, self.option = Path(folder), what, suffix, option
+        self.example = str(example) if example is not None else str(self.folder.with_name(f"{self.folder.name}-{suffix}"))
+        where = f"give another {option} (e.g. {option}={self.example})" if option else f"write it to another folder (e.g. {self.example})"
+        super().__init__(f"{self.folder} {what}; it is not replaced: {where} or delete {self.folder} to regenerate it")
+
+    def advise(self, option: str, example: str | os.PathLike | None = None) -> SyntheticSpecError:
+        """The same error, telling the user to give another ``option`` (e.g. ``option=example``)."""
+        return type(self)(self.folder, self.what, self.suffix, option, example)
+
+    def __reduce__(self):  # picklable although __init__ takes more than the message
+        return type(self), (self.folder, self.what, self.suffix, self.option, self.example)
+
+
 def ensure_synthetic(out_dir: str | os.PathLike, config: SyntheticConfig | None = None) -> Path:
     """Generate the synthetic benchmark in ``out_dir`` unless it is already there with the same config.
 
-    A folder generated with another config (its ``synthetic.json`` differs) is
-    replaced; a folder that exists without ``synthetic.json`` is not ours and is
-    left alone (error). Generation goes to a temporary folder renamed into place
-    (:func:`tipr.files.atomic_folder`), so concurrent processes never read a half-written dataset.
+    Only a missing or empty ``out_dir`` is written. One generated with another
+    config or generator version (its ``synthetic.json`` differs), or whose
+    ``synthetic.json`` cannot be read, is left alone: :class:`SyntheticSpecError`
+    says which fields differ; a non-empty folder without ``synthetic.json`` is
+    not ours and is left alone too (``FileExistsError``). Generation goes to a
+    temporary folder renamed into place (:func:`tipr.files.atomic_folder`), so
+    concurrent processes never read a half-written dataset; one left by a killed
+    generation is a hidden sibling (``.<name>.<pid>.<random>.partial``), never
+    ``out_dir`` itself, and is ignored.
     """
     config = config or SyntheticConfig()
     out = Path(out_dir)
     meta = out / META_FILE
-    if meta.is_file():
-        if _generated_with(meta, config):
-            return out
-    elif out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists but holds no {META_FILE}: not a tipr synthetic benchmark; choose another root")
+    if _check_existing(out, config):
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         with atomic_folder(out) as partial:
             generate_synthetic(partial, config)
+            # Another process may have written out_dir meanwhile: keep its folder, drop ours (raising here
+            # deletes the partial). Only a folder renamed there in the instant between would be replaced.
+            if _check_existing(out, config):
+                raise _AlreadyThere
+    except _AlreadyThere:
+        return out
     except OSError:
         if _generated_with(meta, config):  # another process generated the same benchmark meanwhile
             return out
         raise
     return out
+
+
+class _AlreadyThere(Exception):
+    """Raised inside :func:`atomic_folder` to drop the new folder: another process wrote the same one."""
+
+
+def _check_existing(out: Path, config: SyntheticConfig) -> bool:
+    """True when ``out`` holds the benchmark of ``config``; False when it is missing or empty; else raises."""
+    meta = out / META_FILE
+    if meta.is_file():
+        try:
+            theirs = json.loads(meta.read_text())
+        except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+            raise SyntheticSpecError(out, f"holds a {META_FILE} that cannot be read ({e})", _suffix(config, asdict(config))) from None
+        asked = config.meta()
+        if theirs == asked:
+            return True
+        if not isinstance(theirs, dict):
+            raise SyntheticSpecError(out, f"holds a {META_FILE} that is not a JSON object", _suffix(config, asdict(config)))
+        differ = [key for key in dict.fromkeys([*asked, *theirs]) if theirs.get(key) != asked.get(key)]
+        what = ", ".join(f"{key} {_shown(theirs.get(key))} -> {_shown(asked.get(key))}" for key in differ)
+        raise SyntheticSpecError(out, f"holds a synthetic benchmark of another spec ({what})", _suffix(config, differ))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists but holds no {META_FILE}: not a tipr synthetic benchmark; choose another root")
+    return False
+
+
+def _shown(value) -> str:
+    """A ``synthetic.json`` value in a message: ``[128, 64]``, ``CUHK-PEDES``, ``(none)``."""
+    return "(none)" if value is None else value if isinstance(value, str) else json.dumps(value)
+
+
+def _suffix(config: SyntheticConfig, keys) -> str:
+    """A folder-name suffix for the fields ``keys`` of ``config``: ``"1000-icfg"``, ``"val50-128x64-seed3"``."""
+    parts = {"generator_version": f"v{GENERATOR_VERSION}", "num_train_ids": str(config.num_train_ids),
+             "num_val_ids": f"val{config.num_val_ids}", "num_test_ids": f"test{config.num_test_ids}",
+             "images_per_id": f"{config.images_per_id}img", "captions_per_image": f"{config.captions_per_image}cap",
+             "image_size": "x".join(map(str, config.image_size)), "seed": f"seed{config.seed}",
+             "format": config.format.split("-")[0].lower()}
+    return "-".join(parts[key] for key in parts if key in keys) or "new"
 
 
 def _generated_with(meta: Path, config: SyntheticConfig) -> bool:
