@@ -238,3 +238,57 @@ def test_training_or_testing_starts_from_a_pretrained_folder(tmp_path, folder):
                         "--data.image_size=[32, 16]", f"--data.text_length={TEXT_LENGTH}"])
     assert cli.datamodule.tokenizer == str(folder)  # the folder's tokenizer reads the captions
     assert torch.equal(cli.model.network.clip.visual_projection.weight, pretrained.clip.visual_projection.weight)
+
+
+def test_the_model_card_says_what_the_model_is_and_how_to_load_it(tmp_path, folder):
+    """README.md (the hub's model page): tipr front matter, the method, shapes and the load lines; no generic
+    mixin text. A card of earlier weights is rewritten with them; a README of the user's own is kept."""
+    from huggingface_hub import ModelCard
+
+    for method, model_class in (("sen", SENModel), ("irra", IRRAModel)):
+        target = folder if method == "sen" else tmp_path / method
+        if method != "sen":
+            model = Tiny.network(method=method)
+            save_pretrained(model, TIPRProcessor.for_model(model), target)
+        card = (target / "README.md").read_text()
+        assert "[More Information Needed]" not in card and "pushed to the Hub" not in card
+        data = ModelCard.load(target / "README.md").data
+        assert data.library_name == "tipr" and {method, "text-to-image-person-retrieval"} <= set(data.tags)
+        name = model_class.config_class.display_name
+        assert f"# {name} text-to-image person retrieval model" in card and f"`model_type: {method}`" in card
+        assert f"Image size: {IMAGE_SIZE[0]} x {IMAGE_SIZE[1]}" in card and f"Text length: {TEXT_LENGTH} tokens" in card
+        assert "Embedding dimension: 64" in card and "vision encoder 2 layers x 64 (4 heads, patch 8)" in card
+        assert "TIPRModel.from_pretrained(folder)" in card and "tipr search --model <folder> --gallery" in card
+        assert type(TIPRModel.from_pretrained(target)) is model_class  # loads with the card beside it
+    stale = tmp_path / "stale"
+    model = SENModel.from_pretrained(folder)
+    model.save_pretrained(stale)
+    (stale / "README.md").write_text("---\nlibrary_name: tipr\ntags:\n- model_hub_mixin\n---\n\nThis model has been "
+                                     "pushed to the Hub using the PytorchModelHubMixin\n- Code: [More Information Needed]\n")
+    model.save_pretrained(stale)
+    assert (stale / "README.md").read_text() == (folder / "README.md").read_text()  # rewritten
+    (stale / "README.md").write_text("# My notes on this model\n")
+    model.save_pretrained(stale)
+    assert (stale / "README.md").read_text() == "# My notes on this model\n"  # not ours: kept
+
+
+def test_pushed_cards_name_the_hub_id(monkeypatch, folder):
+    """Both uploads, tipr.pretrained.push_to_hub and the mixin's model.push_to_hub, carry the card, naming the repo."""
+    import huggingface_hub
+    from huggingface_hub import RepoUrl
+
+    cards = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
+                        lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/{repo_id}"))
+
+    def upload_folder(self, repo_id, folder_path, **kw):
+        cards.append((__import__("pathlib").Path(folder_path) / "README.md").read_text())
+        return f"https://huggingface.co/{repo_id}/commit/1"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    model, processor = load_pretrained(folder)
+    push_to_hub(model, processor, "me/sen")
+    model.push_to_hub("me/sen-model")
+    for card, repo in zip(cards, ("me/sen", "me/sen-model"), strict=True):
+        assert "[More Information Needed]" not in card and "library_name: tipr" in card
+        assert f'TIPRModel.from_pretrained("{repo}")' in card and f"tipr search --model {repo} --gallery" in card

@@ -33,10 +33,11 @@ CHECKPOINT_PROCESSOR_KEY = "tipr_processor"
 NETWORK_PREFIX = "network."
 
 
-def save_pretrained(model: TIPRModel, processor: TIPRProcessor, folder: str | Path) -> Path:
-    """Write ``config.json``, ``model.safetensors``, the tokenizer and ``processor_config.json``."""
+def save_pretrained(model: TIPRModel, processor: TIPRProcessor, folder: str | Path, *, model_id: str | None = None) -> Path:
+    """Write ``config.json``, ``model.safetensors``, the tokenizer, ``processor_config.json`` and the model
+    card ``README.md`` (what the model is, how to load it; its load lines name ``model_id``, a hub id, if given)."""
     folder = Path(folder)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, model_card_kwargs={"model_id": model_id} if model_id else None)
     processor.save_pretrained(folder)
     return folder
 
@@ -112,5 +113,5 @@ def push_to_hub(model: TIPRModel, processor: TIPRProcessor, repo_id: str, *, pri
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(model, processor, tmp)
+        save_pretrained(model, processor, tmp, model_id=repo_id)
         return str(api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message))

@@ -10,7 +10,8 @@ heads and objective. What every method offers, and what the shared code uses:
   :meth:`parameter_groups` for its recipe; :meth:`sample_fields`, the per-sample
   data it needs from the loader (SEN's masking noise, IRRA's masked caption);
 - sharing: :meth:`save_pretrained` / :meth:`from_pretrained` / ``push_to_hub``
-  (``huggingface_hub``'s ``PyTorchModelHubMixin``). ``TIPRModel.from_pretrained``
+  (``huggingface_hub``'s ``PyTorchModelHubMixin``; the folder's ``README.md`` is
+  tipr's model card, :meth:`generate_model_card`). ``TIPRModel.from_pretrained``
   returns the method the folder's ``config.json`` names, in the manner of
   transformers' ``AutoModel``.
 
@@ -29,13 +30,14 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin
+from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from torch import nn
 
 from tipr.model.backbone import build_clip, eot_token_id, set_image_size
 from tipr.model.config import EncoderConfig, MethodConfig, load_config, save_config
 from tipr.model.distributed import all_gather_no_grad, all_gather_with_grad
-from tipr.model.hub import CONFIG_FILE, WEIGHTS_FILE, load_weights, pretrained_files
+from tipr.model.hub import (CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, is_tipr_card, load_weights, model_card_text,
+                            pretrained_files)
 from tipr.model.losses import identity_classifier
 
 
@@ -134,6 +136,18 @@ class TIPRModel(nn.Module, PyTorchModelHubMixin, library_name="tipr", tags=["tex
 
         save_config(save_directory / CONFIG_FILE, self.encoder_config, self.config)
         save_model(self, str(save_directory / WEIGHTS_FILE))
+        if is_tipr_card(save_directory / CARD_FILE):  # a card of earlier weights: the mixin writes it anew
+            (save_directory / CARD_FILE).unlink()
+
+    def generate_model_card(self, *args, model_id: str | None = None, **kwargs) -> ModelCard:
+        """The folder's ``README.md`` (``save_pretrained`` and ``push_to_hub`` write it): what the model is
+        and how to load it (:func:`tipr.model.hub.model_card_text`); ``model_id``: the hub id it is uploaded to."""
+        return ModelCard(model_card_text(self, self._hub_mixin_info.model_card_data, model_id))
+
+    def push_to_hub(self, repo_id: str, *, model_card_kwargs: dict | None = None, **kwargs) -> str:
+        """``PyTorchModelHubMixin.push_to_hub`` (the model alone: :func:`tipr.pretrained.push_to_hub` adds the
+        processor), with a card whose load lines name ``repo_id``."""
+        return super().push_to_hub(repo_id, model_card_kwargs={"model_id": repo_id, **(model_card_kwargs or {})}, **kwargs)
 
     @classmethod
     def from_pretrained(

@@ -1,7 +1,8 @@
-"""Files of a pretrained folder: finding them (local folder or hub id) and loading weights strictly."""
+"""Files of a pretrained folder: finding them (local folder or hub id), loading weights strictly, its model card."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -116,3 +117,91 @@ def hub_unreachable(timeout: float = 5.0) -> str | None:
         if type(e).__module__.split(".")[0].startswith("httpx") or isinstance(e, OSError):
             return f"{constants.ENDPOINT}: {type(e).__name__}: {e}"
     return None
+
+
+#: The model card of a pretrained folder (the Hugging Face hub shows it as the model's page).
+CARD_FILE = "README.md"
+
+
+def model_card_text(model, card_data, model_id: str | None = None) -> str:
+    """A pretrained folder's ``README.md``: ``card_data``'s YAML front matter and what the model is.
+
+    Everything comes from ``model`` (the method's name and description, the
+    backbone's shape, image size, text length, embedding width, loss weights), so
+    no method is named here. ``model_id``: the hub id the card is uploaded to
+    (the load lines then name it); a local folder otherwise.
+    """
+    from importlib import import_module
+
+    from tipr.methods import METHODS
+
+    config, clip = model.config, model.clip.config
+    vision, text = clip.vision_config, clip.text_config
+    name = config.display_name or config.name
+    doc = (import_module(METHODS[config.name]).__doc__ or "").strip().splitlines() if config.name in METHODS else []
+    method = doc[0].rstrip(".") if doc and doc[0].startswith(name) else name  # "SEN (authors, venue): what it does"
+    height, width = model.image_size
+    weights = ", ".join(f"{term} {weight:g}" for term, weight in config.loss_weights.items() if weight)
+    source, cli = (json.dumps(model_id), model_id) if model_id else ("folder", "<folder>")
+    lines = [
+        f"# {name} text-to-image person retrieval model (tipr)",
+        "",
+        "A text-to-image person retrieval model saved by tipr: a CLIP dual encoder that ranks images of people",
+        "by how well they match a text description (cosine similarity of the text and image embeddings).",
+        "",
+        f"- Method: {method} (`model_type: {config.name}` in `config.json`, loaded as `{type(model).__name__}`)",
+        f"- Backbone: CLIP ViT, vision encoder {vision.num_hidden_layers} layers x {vision.hidden_size} "
+        f"({vision.num_attention_heads} heads, patch {vision.patch_size}), text encoder {text.num_hidden_layers} "
+        f"layers x {text.hidden_size} ({text.num_attention_heads} heads)",
+        f"- Image size: {height} x {width} (height x width), {height // vision.patch_size} x "
+        f"{width // vision.patch_size} patches",
+        f"- Text length: {model.text_length} tokens",
+        f"- Embedding dimension: {model.embed_dim}",
+    ]
+    if weights:
+        lines.append(f"- Training loss weights: {weights}")
+    if model.num_classes:
+        lines.append(f"- ID classifier: {model.num_classes} training identities (training only; retrieval does not use it)")
+    where = (f"`{model_id}` is downloaded once into the hub cache, then read from there" if model_id else
+             "`folder` (`<folder>` on the command line) is the path of this folder, read offline")
+    lines += [
+        "- Files: `config.json` (encoder and method config), `model.safetensors` (weights), the tokenizer files",
+        "  and `processor_config.json` (image and text preprocessing)",
+        "",
+        "## Loading",
+        "",
+        f"With tipr installed; {where}:",
+        "",
+        "```python",
+        "from PIL import Image",
+        "from tipr.model import TIPRModel",
+        "from tipr.processing import TIPRProcessor",
+        "",
+        f"model = TIPRModel.from_pretrained({source})  # {type(model).__name__}, in eval mode",
+        f"processor = TIPRProcessor.from_pretrained({source})",
+        'inputs = processor(text=["a woman in a red coat with a black backpack"], images=[Image.open("person.jpg")])',
+        'scores = model.similarity(model.encode_text(inputs["input_ids"]), model.encode_image(inputs["pixel_values"]))',
+        "```",
+        "",
+        "From the command line:",
+        "",
+        "```bash",
+        f"tipr index --model {cli} --images photos/ --out photos.gallery",
+        f'tipr search --model {cli} --gallery photos.gallery --query "a woman in a red coat" --top_k 10',
+        "```",
+    ]
+    from huggingface_hub import ModelCardData
+
+    data = ModelCardData(**{**card_data.to_dict(), "tags": sorted({*(card_data.tags or []), config.name})})
+    return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
+
+
+def is_tipr_card(path: Path) -> bool:
+    """Whether ``path`` is a model card tipr (or ``huggingface_hub``'s mixin for tipr) wrote: front matter
+    with ``library_name: tipr``. Such a card describes the weights beside it and is rewritten with them."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    front = text.split("\n---", 1)[0] if text.startswith("---") else ""
+    return "\nlibrary_name: tipr\n" in front + "\n"
