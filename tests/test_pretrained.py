@@ -292,3 +292,18 @@ def test_pushed_cards_name_the_hub_id(monkeypatch, folder):
     for card, repo in zip(cards, ("me/sen", "me/sen-model"), strict=True):
         assert "[More Information Needed]" not in card and "library_name: tipr" in card
         assert f'TIPRModel.from_pretrained("{repo}")' in card and f"tipr search --model {repo} --gallery" in card
+
+
+def test_loading_a_pretrained_folder_prints_nothing(tiny_pretrained):
+    """Not transformers' 'You are using a model of type `sen` to instantiate a model of type ``' (AutoTokenizer
+    reading the folder's config.json): the tokenizer class tokenizer_config.json names is loaded directly.
+    In a fresh process: transformers says it once per process."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from tipr.pretrained import load_pretrained; model, processor = load_pretrained(sys.argv[1]); "
+            "print(type(processor.tokenizer).__name__)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_pretrained)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "CLIPTokenizer"
+    assert proc.stderr == "", proc.stderr

@@ -77,9 +77,20 @@ def _shipped_tokenizer():
 
 
 def _load_folder(folder: str):
-    from transformers import AutoTokenizer, CLIPTokenizer
+    import json
 
-    if Path(folder, "tokenizer_config.json").is_file() or Path(folder, "tokenizer.json").is_file():
+    from transformers import AutoTokenizer, CLIPTokenizer
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    config = Path(folder, "tokenizer_config.json")
+    if config.is_file():
+        # The class tokenizer_config.json names, loaded directly: AutoTokenizer would read a tipr folder's
+        # config.json (model_type sen / irra, unknown to transformers) and warn on every load.
+        name = json.loads(config.read_text()).get("tokenizer_class")
+        cls = tokenizer_class_from_name(name) if isinstance(name, str) else None
+        if cls is not None:
+            return cls.from_pretrained(folder, local_files_only=True)
+    if config.is_file() or Path(folder, "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
