@@ -1,6 +1,7 @@
 """Importing IRRA/SEN reference checkpoints and OpenAI CLIP weights: ``tipr.convert`` and ``tipr convert``."""
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -690,6 +691,9 @@ def test_tipr_convert_writes_an_irra_pretrained_folder(tmp_path, irra_ckpt, sen_
     assert "re-initialised" not in printed and "unused source keys (0): none" in printed
     assert "note: the model's vocabulary has 1000 ids, the CLIP tokenizer written with it 49408" in printed
     assert f"wrote {out}: IRRAModel (" in printed
+    assert f"\n    cross-modal depth = {IRRA_DEPTH}: read off cross_modal_transformer.resblocks.0..1\n" in printed
+    assert ("\n    cross-modal heads = 2: assumed embedding width / 64 (IRRA's rule; a checkpoint cannot show it): "
+            "tipr builds no other\n") in printed
 
     model = TIPRModel.from_pretrained(out)  # the folder's config names the method
     assert type(model) is IRRAModel and model.config == IRRAConfig(cross_modal_depth=IRRA_DEPTH)
@@ -735,3 +739,144 @@ def test_tipr_convert_writes_an_irra_pretrained_folder(tmp_path, irra_ckpt, sen_
     assert type(sen) is SENModel and set(report.reinitialised) == {"restoration"}
     assert torch.equal(sen.clip.text_projection.weight, model.clip.text_projection.weight)
     assert any(key.startswith("mlm_head.") for key in report.unused)
+
+
+# ------------------------------------------- head counts no tensor shows
+# 128-wide vision with 4 heads and 64-wide text with 2 (head width 32, not OpenAI's 64), and a SEN
+# TIR head (128 wide) with 4: the tensors fit width / 64 heads just as well, and then compute other features.
+HEADS_CONFIG = {
+    "vision_config": {**SEN_CONFIG["vision_config"], "num_attention_heads": 4},
+    "text_config": {**SEN_CONFIG["text_config"], "num_attention_heads": 2},
+    "projection_dim": 128,
+}
+#: Every architecture value the report lists for a SEN file, in order.
+ARCHITECTURE_NAMES = [
+    "vision width", "vision layers", "vision MLP", "vision heads", "patch", "patch grid", "text width",
+    "text layers", "text MLP", "text heads", "vocabulary", "end-of-text id", "context", "embedding",
+    "activation, LayerNorm eps", "image size", "text length", "ID classes", "TIR depth", "TIR heads",
+]
+
+
+@pytest.fixture(scope="module")
+def heads_source():
+    torch.manual_seed(7)
+    config = SENConfig(restoration_depth=SEN_DEPTH, restoration_heads=4, restoration_text_padding_mask=False)
+    network = SENModel.from_backbone(HEADS_CONFIG, NUM_CLASSES, config=config, image_size=IMAGE_SIZE,
+                                     text_length=CONTEXT)
+    with torch.no_grad():
+        for param in network.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    return network.eval()
+
+
+@pytest.fixture(scope="module")
+def heads_ckpt(heads_source, tmp_path_factory):
+    """A SEN ``best.pth`` trained with 4 / 2 / 4 heads: nothing in it says so."""
+    model = reference_state_dict(heads_source.clip, {
+        "classifier.weight": heads_source.classifier.weight.detach().clone(),
+        "classifier.bias": heads_source.classifier.bias.detach().clone(),
+        **to_sen_tir(heads_source.restoration, heads_source.embeddings.grid_size),
+    })
+    path = tmp_path_factory.mktemp("heads") / "best.pth"
+    torch.save({"model": model}, path)
+    return path
+
+
+def test_head_counts_are_assumed_width_over_64_unless_given(heads_ckpt, heads_source):
+    images, token_ids, pids, noise = sen_inputs()
+    with torch.no_grad():
+        expected = heads_source(images, token_ids, pids, noise=noise)
+    expected_features = encode(heads_source, images, token_ids)
+
+    given, report = load_reference_checkpoint(heads_ckpt, image_size=IMAGE_SIZE, vision_heads=4, text_heads=2,
+                                              restoration_heads=4)
+    vision, text = given.clip.config.vision_config, given.clip.config.text_config
+    assert (vision.num_attention_heads, text.num_attention_heads, given.restoration.cross_attn.num_heads) == (4, 2, 4)
+    assert all(block.attn.num_heads == 4 for block in given.restoration.transformer)
+    for got, theirs in zip(encode(given.eval(), images, token_ids), expected_features):
+        assert_close(got, theirs, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        losses = given(images, token_ids, pids, noise=noise)
+    for name, value in expected.items():  # the TIR head runs as trained too
+        assert_close(losses[name], value, atol=1e-5, rtol=1e-6, msg=name)
+    assert list(report.architecture) == ARCHITECTURE_NAMES
+    assert report.architecture["vision heads"] == (4, "given (vision_heads)")
+    assert report.architecture["text heads"] == (2, "given (text_heads)")
+    assert report.architecture["TIR heads"] == (4, "given (restoration_heads)")
+    assert report.architecture["TIR depth"] == (SEN_DEPTH, "read off cross_modal_transformer_mae.resblocks.0..1")
+    assert report.architecture["vision width"] == (128, "read off base_model.visual.conv1.weight")
+    assert report.architecture["text layers"] == (2, "read off base_model.transformer.resblocks.0..1")
+    assert {name: report.architecture[name][0] for name in (
+        "vision MLP", "patch", "patch grid", "text width", "text MLP", "vocabulary", "end-of-text id", "context",
+        "embedding", "image size", "text length", "ID classes",
+    )} == {"vision MLP": 256, "patch": 8, "patch grid": "4x2", "text width": 64, "text MLP": 256,
+           "vocabulary": SEN_VOCAB, "end-of-text id": SEN_EOT, "context": CONTEXT, "embedding": 128,
+           "image size": "32x16", "text length": CONTEXT, "ID classes": NUM_CLASSES}
+    assert report.reinitialised == {} and "vision 128 wide x 2 layers, heads 4, patch 8" in report.backbone
+
+    # Without them: OpenAI's width / 64 (2, 1, 2), said so, and other features from the same weights.
+    assumed, report = load_reference_checkpoint(heads_ckpt, image_size=IMAGE_SIZE)
+    vision, text = assumed.clip.config.vision_config, assumed.clip.config.text_config
+    assert (vision.num_attention_heads, text.num_attention_heads, assumed.restoration.cross_attn.num_heads) == (2, 1, 2)
+    assert report.architecture["vision heads"] == (2, (
+        "assumed width / 64 (OpenAI's rule; a checkpoint cannot show it): override with --vision_heads"))
+    assert report.architecture["text heads"][1].endswith("override with --text_heads")
+    assert report.architecture["TIR heads"] == (2, (
+        "assumed embedding width / 64 (SEN's rule; a checkpoint cannot show it): override with --restoration_heads"))
+    printed = str(report)
+    assert "\n  architecture:\n    vision width = 128: read off base_model.visual.conv1.weight\n" in printed
+    assert "\n    vision heads = 2: assumed width / 64 (OpenAI's rule; a checkpoint cannot show it): " \
+           "override with --vision_heads\n" in printed
+    image, text_features = encode(assumed.eval(), images, token_ids)
+    assert (image - expected_features[0]).abs().max() > 1e-2
+    assert (text_features - expected_features[1]).abs().max() > 1e-2
+    assert_same_weights(assumed.clip, given.clip)  # the same tensors: only the heads differ
+
+
+def test_tipr_convert_takes_the_head_counts_and_refuses_ones_that_do_not_divide(tmp_path, heads_ckpt, heads_source,
+                                                                                irra_ckpt, capsys):
+    out = tmp_path / "heads"
+    assert main(["convert", "--checkpoint", str(heads_ckpt), "--out", str(out), "--image_size", "[32, 16]",
+                 "--vision_heads", "4", "--text_heads", "2", "--restoration_heads", "4"]) == 0
+    printed = capsys.readouterr().out
+    for line in ("vision heads = 4: given (vision_heads)", "text heads = 2: given (text_heads)",
+                 "TIR heads = 4: given (restoration_heads)", "vision layers = 2: read off", "ID classes = 5"):
+        assert f"\n    {line}" in printed
+    config = json.loads((out / "config.json").read_text())
+    clip = config["encoder"]["clip"]
+    assert (clip["vision_config"]["num_attention_heads"], clip["text_config"]["num_attention_heads"]) == (4, 2)
+    assert config["method"]["restoration_heads"] == 4
+    reloaded = SENModel.from_pretrained(out).eval()
+    images, token_ids, _, _ = sen_inputs()
+    for got, expected in zip(encode(reloaded, images, token_ids), encode(heads_source, images, token_ids)):
+        assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+    def refused(*args):
+        code = main(["convert", "--checkpoint", str(args[0]), "--out", str(tmp_path / "x"), "--image_size",
+                     "[32, 16]", *map(str, args[1:])])
+        err = capsys.readouterr().err
+        assert code == 1 and not (tmp_path / "x").exists()
+        return err
+
+    assert (f"tipr convert: error: --vision_heads 3: does not divide the vision width 128 of --checkpoint "
+            f"{heads_ckpt} (heads must divide the width; 128's divisors: 1, 2, 4, 8, 16, 32, 64, 128)"
+            ) in refused(heads_ckpt, "--vision_heads", 3)
+    assert "--text_heads 5: does not divide the text width 64 of --checkpoint" in refused(heads_ckpt, "--text_heads", 5)
+    assert ("--restoration_heads 3: does not divide the embedding width 128 of --checkpoint"
+            in refused(heads_ckpt, "--restoration_heads", 3))
+    assert ("--restoration_heads 4: sets the TIR head of SEN, and " in refused(irra_ckpt, "--restoration_heads", 4))
+    with pytest.raises(ValueError, match=re.escape(f"{heads_ckpt}: text_heads=3 does not divide the text width 64")):
+        load_reference_checkpoint(heads_ckpt, image_size=IMAGE_SIZE, text_heads=3)
+    with pytest.raises(SystemExit) as usage:  # not a positive count: jsonargparse's usage error
+        main(["convert", "--checkpoint", str(heads_ckpt), "--out", str(tmp_path / "x"), "--vision_heads", "0"])
+    assert usage.value.code == 2
+
+
+def test_a_width_that_is_no_multiple_of_64_needs_its_head_count(tmp_path, heads_source):
+    # A 200-wide text tower: OpenAI's 200 // 64 = 3 heads do not divide it, so the count must be given.
+    weights = to_openai(heads_source.clip)
+    weights["token_embedding.weight"] = torch.zeros(SEN_VOCAB, 200)
+    state = {key: value for key, value in weights.items() if not key.startswith("transformer.")}
+    with pytest.raises(ValueError, match=re.escape("the text width 200 is no multiple of 64: width // 64 = 3 heads "
+                                                   "do not divide it; give text_heads (--text_heads)")):
+        convert_openai_clip_state_dict(state, IMAGE_SIZE)

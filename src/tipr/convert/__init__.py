@@ -3,8 +3,11 @@
 An IRRA or SEN ``best.pth`` (``{"model": state_dict}``: the CLIP backbone in
 OpenAI's layout under ``base_model.``, the ID classifier, the method's heads)
 or an OpenAI CLIP file becomes a tipr model of that method (``IRRAModel``,
-``SENModel``) with the same weights; every shape (widths, layers, patch,
-vocabulary, context, head depths) is read off the tensors.
+``SENModel``) with the same weights; every size (widths, layers, patch,
+vocabulary, context, head depths) is read off the tensors. Attention head
+counts are not in the tensors: they are OpenAI's width / 64 unless given
+(``vision_heads``, ``text_heads``, ``restoration_heads``), and the report says
+which values were read, given or assumed.
 
 - :mod:`tipr.convert.openai_clip`: the OpenAI -> Hugging Face ``CLIPModel``
   mapping and config inference (pure: state dict in, state dict out);
@@ -34,7 +37,7 @@ In Python::
 Nothing here imports Lightning.
 """
 
-from tipr.convert.openai_clip import ConvertedCLIP, convert_openai_clip_state_dict, infer_clip_config
+from tipr.convert.openai_clip import ConvertedCLIP, HeadCountError, convert_openai_clip_state_dict, infer_clip_config
 from tipr.convert.reference import (
     REFERENCE_PREFIX,
     ConversionReport,
@@ -48,6 +51,7 @@ __all__ = [
     "ConversionReport",
     "ConvertedCLIP",
     "HeadConversion",
+    "HeadCountError",
     "convert_openai_clip_state_dict",
     "infer_clip_config",
     "load_reference_checkpoint",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from jsonargparse.typing import PositiveInt
 
+from tipr.convert.openai_clip import HeadCountError
 from tipr.convert.reference import load_reference_checkpoint
 from tipr.model.hub import CONFIG_FILE
 
@@ -26,14 +27,19 @@ def convert(
     text_length: PositiveInt | None = None,
     num_classes: PositiveInt | None = None,
     method: str | None = None,
+    vision_heads: PositiveInt | None = None,
+    text_heads: PositiveInt | None = None,
+    restoration_heads: PositiveInt | None = None,
 ) -> int:
     """Turn a checkpoint of the public IRRA/SEN code or OpenAI CLIP weights into a tipr pretrained folder.
 
     The folder (config.json, model.safetensors, the tokenizer, processor_config.json)
     is what TIPRModel.from_pretrained / TIPRProcessor.from_pretrained and 'tipr index' /
-    'tipr search --model' read, offline. Prints the heads left freshly initialised
-    and the source keys not used. Exit codes: 0 written; 1 a file or value that does
-    not fit (nothing written); 2 --out would overwrite --checkpoint.
+    'tipr search --model' read, offline. Prints every architecture value and where it
+    came from (read off a tensor, given, or assumed: no tensor shows a head count, so
+    the heads are width / 64 unless given), the heads left freshly initialised and the
+    source keys not used. Exit codes: 0 written; 1 a file or value that does not fit
+    (nothing written); 2 --out would overwrite --checkpoint.
 
     Args:
         checkpoint: the file to convert: an IRRA/SEN best.pth ({'model': state dict}, CLIP under
@@ -46,6 +52,12 @@ def convert(
         method: the method to build (sen, irra); default: the one whose heads the checkpoint holds
             (OpenAI CLIP: sen). A method that builds on the file's (sen from an IRRA file) starts
             its own heads fresh.
+        vision_heads: attention heads of the checkpoint's vision tower (default: width / 64, the
+            rule of OpenAI CLIP and of IRRA's and SEN's code); must divide the width.
+        text_heads: attention heads of the checkpoint's text tower (default: width / 64); must divide the width.
+        restoration_heads: attention heads of a SEN checkpoint's TIR head (default: embedding width / 64,
+            as SEN's code); must divide the embedding width. IRRA's cross-modal heads are always
+            embedding width / 64.
     """
     from tipr.pretrained import save_pretrained
     from tipr.processing import TIPRProcessor
@@ -55,10 +67,22 @@ def convert(
         print(f"tipr convert: error: --out {out} would overwrite the checkpoint being converted", file=sys.stderr)
         return 2
     _check_out(folder, out)
+    heads = {"restoration_heads": restoration_heads} if restoration_heads is not None else {}
     try:
         model, report = load_reference_checkpoint(
-            source, image_size=tuple(image_size), text_length=text_length, num_classes=num_classes, method=method
+            source, image_size=tuple(image_size), text_length=text_length, num_classes=num_classes, method=method,
+            vision_heads=vision_heads, text_heads=text_heads, **heads,
         )
+    except HeadCountError as e:
+        if not e.given:
+            raise ValueError(f"--checkpoint {e}") from e
+        raise ValueError(f"--{e.option} {e.heads}: does not divide the {e.what} width {e.width} of --checkpoint "
+                         f"{checkpoint} {e.hint}") from e
+    except TypeError as e:  # restoration_heads for a method without a TIR head
+        if not heads or "restoration_heads" not in str(e):
+            raise
+        raise ValueError(f"--restoration_heads {restoration_heads}: sets the TIR head of SEN, and {checkpoint} "
+                         f"converts to another method (give --method sen, or leave --restoration_heads out)") from e
     except (OSError, ValueError) as e:  # these start with the file's path
         raise type(e)(f"--checkpoint {e}") from e
     processor = TIPRProcessor.for_model(model)

@@ -23,7 +23,9 @@ OpenAI layout                                Hugging Face ``CLIPModel``
 
 (``visual.transformer.resblocks`` are the vision blocks, ``transformer.resblocks``
 the text blocks.) What the weights do not say is fixed by OpenAI's architecture:
-``width // 64`` heads, QuickGELU, LayerNorm eps 1e-5, a causal text mask and
+``width // 64`` heads unless given (``vision_heads``, ``text_heads``: a checkpoint's
+tensors fit any head count that divides the width, and cannot show which one it
+was trained with), QuickGELU, LayerNorm eps 1e-5, a causal text mask and
 pooling at the end-of-text token, the highest id (``argmax``): for a vocabulary
 of V ids (``token_embedding.weight``) end-of-text is V - 1 and start-of-text
 V - 2 (49407 and 49406 for OpenAI's 49,408), written into the config's
@@ -50,8 +52,28 @@ import torch
 
 from tipr.model.backbone import resize_position_embedding
 
-#: OpenAI CLIP has ``width // 64`` attention heads; the weights do not record it.
-OPENAI_HEAD_WIDTH = 64
+OPENAI_HEAD_WIDTH = 64  #: OpenAI CLIP has ``width // 64`` attention heads; the weights do not record it.
+
+
+class HeadCountError(ValueError):
+    """Heads that do not divide their width: ``option`` (``"vision_heads"``...) given as ``heads``, or
+    (``given`` False) OpenAI's ``width // 64`` for a width that is no multiple of 64."""
+
+    def __init__(self, option: str, heads: int, width: int, what: str, given: bool = True):
+        self.option, self.heads, self.width, self.what, self.given = option, heads, width, what, given
+        divisors = ", ".join(str(d) for d in range(1, width + 1) if width % d == 0)
+        self.hint = f"(heads must divide the width; {width}'s divisors: {divisors})"
+        super().__init__(f"{option}={heads} does not divide the {what} width {width} {self.hint}" if given else
+                         f"the {what} width {width} is no multiple of 64: width // 64 = {heads} heads do not divide "
+                         f"it; give {option} (--{option}) {self.hint}")
+
+
+def head_count(width: int, given: int | None, option: str, what: str) -> int:
+    """``given``, else OpenAI's ``width // 64`` (at least 1); :class:`HeadCountError` unless it divides ``width``."""
+    heads = max(1, width // OPENAI_HEAD_WIDTH) if given is None else int(given)
+    if heads < 1 or width % heads:
+        raise HeadCountError(option, heads, width, what, given=given is not None)
+    return heads
 #: Inside a residual block of a head: an OpenAI block -> a timm ``Block`` (the same q, k, v row
 #: order), as :func:`tipr.model.blocks.clip_blocks` builds it.
 OPENAI_TO_TIMM_BLOCK = {
@@ -134,16 +156,17 @@ def convert_openai_clip_state_dict(
     image_size: tuple[int, int] = (384, 128),
     prefix: str = "",
     interpolation: str = "bilinear",
+    vision_heads: int | None = None, text_heads: int | None = None,
 ) -> ConvertedCLIP:
     """Map the OpenAI-layout CLIP under ``prefix`` (``""`` or ``"base_model."``) to Hugging Face names.
 
-    Keys outside ``prefix`` are ignored (the caller owns them). A square position
-    table is resized to the grid of ``image_size`` with ``interpolation``
-    (``"bilinear"``, the reference code's, or ``"bicubic"``). Raises ``ValueError``
-    when the shapes cannot be read off the tensors, and one ``ValueError`` listing
+    ``vision_heads`` / ``text_heads``: as :func:`infer_clip_config`. Keys outside ``prefix`` are
+    ignored (the caller owns them). A square position table is resized to the grid of ``image_size``
+    with ``interpolation`` (``"bilinear"``, the reference code's, or ``"bicubic"``). Raises
+    ``ValueError`` when the shapes cannot be read off the tensors, and one ``ValueError`` listing
     every missing or misshapen tensor (expected vs found shape) otherwise.
     """
-    config, grid = infer_clip_config(state_dict, image_size, prefix)
+    config, grid = infer_clip_config(state_dict, image_size, prefix, vision_heads, text_heads)
     problems = clip_shape_problems(state_dict, config, grid, image_size, prefix)
     if problems:
         raise ValueError(mismatch_message(problems, config, grid))
@@ -163,12 +186,15 @@ def num_blocks(state_dict: Mapping[str, torch.Tensor], blocks: str) -> int:
 
 
 def infer_clip_config(
-    state_dict: Mapping[str, torch.Tensor], image_size: tuple[int, int], prefix: str = ""
+    state_dict: Mapping[str, torch.Tensor], image_size: tuple[int, int], prefix: str = "",
+    vision_heads: int | None = None, text_heads: int | None = None,
 ) -> tuple[dict[str, Any], tuple[int, int]]:
     """``CLIPConfig`` arguments from the tensor shapes, and the ``(H/P, W/P)`` patch grid.
 
-    Raises ``ValueError`` when the four anchor tensors that give the shapes are
-    missing (naming a ResNet CLIP as such) or ``image_size`` does not fit the patch.
+    The attention heads are not in the tensors: ``vision_heads`` / ``text_heads``, else
+    OpenAI's ``width // 64``. Raises ``ValueError`` when the four anchor tensors that give
+    the shapes are missing (naming a ResNet CLIP as such) or ``image_size`` does not fit
+    the patch, and a :class:`HeadCountError` for heads that do not divide their width.
     """
     anchors = ("visual.conv1.weight", "visual.proj", "token_embedding.weight", "positional_embedding")
     missing = [prefix + key for key in anchors if prefix + key not in state_dict]
@@ -195,21 +221,21 @@ def infer_clip_config(
     table = state_dict.get(prefix + _VISION_TABLE)
     side = _square_side(table.shape[0] - 1) if table is not None and table.dim() == 2 else None
 
-    def tower(blocks: str, hidden: int) -> dict[str, int]:
+    def tower(blocks: str, hidden: int, heads: int | None, option: str) -> dict[str, int]:
         fc = state_dict.get(f"{prefix}{blocks}0.mlp.c_fc.weight")
         return {
             "hidden_size": hidden,
             # OpenAI's MLP ratio when the tensor is missing (then reported as missing).
             "intermediate_size": fc.shape[0] if fc is not None and fc.dim() else 4 * hidden,
             "num_hidden_layers": num_blocks(state_dict, prefix + blocks),
-            "num_attention_heads": hidden // OPENAI_HEAD_WIDTH,
+            "num_attention_heads": head_count(hidden, heads, option, option.split("_")[0]),
             "hidden_act": "quick_gelu",
             "layer_norm_eps": 1e-5,
         }
 
     config = {
         "vision_config": {
-            **tower(_VISION_BLOCKS, width),
+            **tower(_VISION_BLOCKS, width, vision_heads, "vision_heads"),
             "patch_size": patch,
             "num_channels": channels,
             # Sizes the square table CLIPModel builds before tipr fits it to the grid: the
@@ -217,7 +243,7 @@ def infer_clip_config(
             "image_size": patch * (side or max(grid)),
         },
         "text_config": {
-            **tower(_TEXT_BLOCKS, tokens[1]),
+            **tower(_TEXT_BLOCKS, tokens[1], text_heads, "text_heads"),
             "vocab_size": tokens[0],
             # OpenAI's BPE puts start- and end-of-text last; it pools at the highest id (argmax).
             "bos_token_id": tokens[0] - 2,
@@ -311,12 +337,13 @@ def clip_shape_problems(
 
 
 def describe_clip(config: dict[str, Any], grid: tuple[int, int]) -> str:
-    """One line for people: widths, layers, patch, grid, context, vocabulary, embedding."""
+    """One line for people: widths, layers, heads, patch, grid, context, vocabulary, embedding."""
     vision, text = config["vision_config"], config["text_config"]
     return (
-        f"ViT CLIP: vision {vision['hidden_size']} wide x {vision['num_hidden_layers']} layers, patch "
-        f"{vision['patch_size']}, grid {grid[0]}x{grid[1]}; text {text['hidden_size']} wide x "
-        f"{text['num_hidden_layers']} layers, context {text['max_position_embeddings']}, vocabulary "
+        f"ViT CLIP: vision {vision['hidden_size']} wide x {vision['num_hidden_layers']} layers, "
+        f"heads {vision['num_attention_heads']}, patch {vision['patch_size']}, grid {grid[0]}x{grid[1]}; text "
+        f"{text['hidden_size']} wide x {text['num_hidden_layers']} layers, heads {text['num_attention_heads']}, "
+        f"context {text['max_position_embeddings']}, vocabulary "
         f"{text['vocab_size']} (end-of-text {text['eos_token_id']}); embedding {config['projection_dim']}"
     )
 

@@ -23,9 +23,11 @@ from typing import Any
 import torch
 
 from tipr.convert.openai_clip import (
+    HeadCountError,
     clip_shape_problems,
     convert_openai_clip_state_dict,
     describe_clip,
+    head_count,
     infer_clip_config,
     mismatch_message,
 )
@@ -48,11 +50,18 @@ DEFAULT_METHOD = "sen"
 @dataclass
 class HeadConversion:
     """What a method's ``convert_heads`` did: modules loaded (for people), modules left fresh
-    (name -> why), and the source keys it used."""
+    (name -> why), the source keys it used, and its heads' shapes (name -> (value, where from))."""
 
     loaded: list[str] = field(default_factory=list)
     reinitialised: dict[str, str] = field(default_factory=dict)
     used: set[str] = field(default_factory=set)
+    architecture: dict[str, tuple[Any, str]] = field(default_factory=dict)
+
+
+def assumed_heads(width: str, rule: str, option: str | None) -> str:
+    """How a head count a checkpoint cannot show was chosen, for the report."""
+    override = f"override with --{option}" if option else "tipr builds no other"
+    return f"assumed {width} / 64 ({rule}; a checkpoint cannot show it): {override}"
 
 
 # ------------------------------------------------------------------- files
@@ -150,6 +159,8 @@ class ConversionReport:
         reinitialised: tipr module -> why it kept its fresh initialisation.
         unused: source keys that were not loaded (sorted).
         notes: changes made on the way (a resized position table).
+        architecture: every architecture value the model was built with -> ``(value, how it was
+            chosen)``: read off a tensor, given, or assumed (the head counts: no tensor shows them).
     """
 
     source: Path
@@ -159,9 +170,12 @@ class ConversionReport:
     reinitialised: dict[str, str]
     unused: list[str]
     notes: list[str]
+    architecture: dict[str, tuple[Any, str]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"converted {self.source} ({self.layout})", f"  backbone: {self.backbone}"]
+        lines += ["  architecture:"] * bool(self.architecture)
+        lines += [f"    {name} = {value}: {how}" for name, (value, how) in self.architecture.items()]
         lines.append(f"  loaded: {', '.join(self.loaded)}")
         lines += [f"  note: {note}" for note in self.notes]
         for name, reason in self.reinitialised.items():
@@ -169,6 +183,31 @@ class ConversionReport:
         groups = ", ".join(_group_keys(self.unused)) or "none"
         lines.append(f"  unused source keys ({len(self.unused)}): {groups}")
         return "\n".join(lines)
+
+
+def _backbone_architecture(config: dict[str, Any], grid: tuple[int, int], prefix: str,
+                           given: Mapping[str, int | None]) -> dict[str, tuple[Any, str]]:
+    """The backbone's architecture values and where each comes from (the report's)."""
+    vision, text = config["vision_config"], config["text_config"]
+    entries: dict[str, tuple[Any, str]] = {}
+    for name, tower, blocks, anchor in (("vision", vision, "visual.transformer.resblocks.", "visual.conv1.weight"),
+                                        ("text", text, "transformer.resblocks.", "token_embedding.weight")):
+        option, layers = f"{name}_heads", tower["num_hidden_layers"]
+        entries[f"{name} width"] = (tower["hidden_size"], f"read off {prefix}{anchor}")
+        entries[f"{name} layers"] = (layers, f"read off {prefix}{blocks}0..{layers - 1}")
+        entries[f"{name} MLP"] = (tower["intermediate_size"], f"read off {prefix}{blocks}0.mlp.c_fc.weight")
+        heads = tower["num_attention_heads"]
+        entries[f"{name} heads"] = (heads, f"given ({option})" if given.get(option) is not None else
+                                    assumed_heads("width", "OpenAI's rule", option))
+        if name == "vision":
+            entries["patch"] = (vision["patch_size"], f"read off {prefix}{anchor}")
+            entries["patch grid"] = (f"{grid[0]}x{grid[1]}", "image_size / patch")
+    entries["vocabulary"] = (text["vocab_size"], f"read off {prefix}token_embedding.weight")
+    entries["end-of-text id"] = (text["eos_token_id"], "the highest id (OpenAI's argmax pooling)")
+    entries["context"] = (text["max_position_embeddings"], f"read off {prefix}positional_embedding")
+    entries["embedding"] = (config["projection_dim"], f"read off {prefix}visual.proj")
+    entries["activation, LayerNorm eps"] = ("QuickGELU, 1e-05", "assumed (OpenAI's; a checkpoint cannot show them)")
+    return entries
 
 
 # ------------------------------------------------------------------ loader
@@ -193,6 +232,8 @@ def load_reference_checkpoint(
     text_length: int | None = None,
     num_classes: int | None = None,
     method: str | None = None,
+    vision_heads: int | None = None,
+    text_heads: int | None = None,
     **settings: Any,
 ):
     """A tipr model carrying the weights of an authors' (IRRA, SEN) checkpoint or OpenAI CLIP, and its report.
@@ -210,27 +251,37 @@ def load_reference_checkpoint(
             file's heads (a bare CLIP: SEN). A method that extends the file's (SEN from an
             IRRA file) takes its CLIP and classifier and starts its own heads fresh; any
             other method's heads are an error.
+        vision_heads, text_heads: the attention heads the source's vision / text tower was
+            trained with. No tensor shows them (any count dividing the width fits); the
+            default is OpenAI's ``width // 64``, which IRRA's and SEN's code use too.
         settings: :class:`~tipr.model.EncoderConfig` fields (``position_interpolation``,
             ``reference_fp16_weights``) and the method config's fields (``temperature``,
-            ...). Head shapes (SEN's ``restoration_depth``, IRRA's ``cross_modal_depth``)
+            ...). Head depths (SEN's ``restoration_depth``, IRRA's ``cross_modal_depth``)
             default to the file's; another value leaves that head out (re-initialised).
+            SEN's ``restoration_heads`` is the source TIR head's count (default: the
+            embedding width // 64, as SEN's code); IRRA's cross-modal heads are always
+            the embedding width // 64 (IRRA's code; tipr's ``IRRAModel`` builds no other).
 
     Returns:
         ``(model, report)``: the model (train mode, fp32 unless ``reference_fp16_weights``)
         has the inferred ``CLIPConfig`` in its config, so ``model.save_pretrained``
         writes a folder that reloads offline; the method's heads are loaded too. Heads
         without matching weights keep their fresh initialisation, which the
-        :class:`ConversionReport` names with the unused source keys.
+        :class:`ConversionReport` names with the unused source keys; its ``architecture``
+        lists every shape the model was built with and how it was chosen.
 
     Raises:
         FileNotFoundError / ValueError naming ``path``; a ``ValueError`` for tensors
-        that do not fit lists every one of them with expected and found shapes.
+        that do not fit lists every one of them with expected and found shapes; a
+        :class:`~tipr.convert.openai_clip.HeadCountError` (a ``ValueError``) for a head
+        count that does not divide its width, naming the setting, the value and the width.
         TypeError for a ``settings`` name that is neither an encoder nor a method field.
     """
     from tipr.methods import detect_reference_method, method_spec
 
     path = Path(path)
     image_size = (int(image_size[0]), int(image_size[1]))
+    classes_given = num_classes is not None
     state = read_state_dict(path)
     try:
         detected = detect_reference_method(state)
@@ -250,7 +301,10 @@ def load_reference_checkpoint(
     method_settings = {k: v for k, v in settings.items() if k in method_fields}
     prefix = REFERENCE_PREFIX if any(key.startswith(REFERENCE_PREFIX) for key in state) else ""
     try:
-        config, grid = infer_clip_config(state, image_size, prefix)
+        config, grid = infer_clip_config(state, image_size, prefix, vision_heads, text_heads)
+        for key, value in method_settings.items():  # every method head is the embedding wide
+            if key.endswith("_heads") and value is not None:
+                head_count(config["projection_dim"], value, key, "embedding")
         problems = clip_shape_problems(state, config, grid, image_size, prefix)
         problems += _classifier_problems(state, config["projection_dim"])
         read, head_problems = spec.reference_settings(state, config, grid)
@@ -267,7 +321,7 @@ def load_reference_checkpoint(
             )
         num_classes = int(num_classes if num_classes is not None else source_classes)
         interpolation = encoder_settings.get("position_interpolation", "bilinear")
-        clip = convert_openai_clip_state_dict(state, image_size, prefix, interpolation=interpolation)
+        clip = convert_openai_clip_state_dict(state, image_size, prefix, interpolation, vision_heads, text_heads)
         context = clip.config["text_config"]["max_position_embeddings"]
         encoder = EncoderConfig(
             clip=clip.config,
@@ -277,6 +331,9 @@ def load_reference_checkpoint(
             **encoder_settings,
         )
         model = spec.model_class(encoder, spec.config_class(**method_settings))
+    except HeadCountError as err:
+        err.args = (f"{path}: {err}",)
+        raise
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from err
 
@@ -301,6 +358,12 @@ def load_reference_checkpoint(
     heads.loaded += own.loaded
     heads.reinitialised.update(own.reinitialised)
     heads.used |= own.used
+    architecture = _backbone_architecture(config, grid, prefix, {"vision_heads": vision_heads,
+                                                                 "text_heads": text_heads})
+    architecture["image size"] = (f"{image_size[0]}x{image_size[1]}", "the image_size asked for")
+    architecture["text length"] = (encoder.text_length, "given (text_length)" if text_length else "the context")
+    architecture["ID classes"] = (num_classes, "given (num_classes)" if classes_given else "read off classifier.weight")
+    architecture.update(own.architecture)
     outside = [key for key in state if prefix and not key.startswith(prefix)]
     unused = sorted(key for key in [*clip.unused, *outside] if key not in heads.used)
     name = spec.config_class.display_name
@@ -316,5 +379,6 @@ def load_reference_checkpoint(
         reinitialised=heads.reinitialised,
         unused=unused,
         notes=clip.notes,
+        architecture=architecture,
     )
     return model, report

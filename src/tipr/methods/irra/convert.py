@@ -15,7 +15,9 @@ IRRA                                             tipr ``IRRAModel``
 ``mlm_head.{dense, ln, fc}``                     the same (``fc``: vocabulary x E)
 ===============================================  ==============================================
 
-The depth is the number of blocks in the file, the heads ``E // 64`` as the reference's.
+The depth is the number of blocks in the file. The heads (of ``cross_attn`` and the
+blocks) are not in the tensors: ``E // 64``, as the reference's code, the only count
+``IRRAModel`` builds.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from torch import nn
 
 from tipr.convert.openai_clip import OPENAI_TO_TIMM_BLOCK, block_shapes, num_blocks
-from tipr.convert.reference import HeadConversion
+from tipr.convert.reference import HeadConversion, assumed_heads
 
 BLOCKS = "cross_modal_transformer.resblocks."
 _LAYERS = "cross_modal_transformer."
@@ -78,10 +80,14 @@ def reference_settings(
 
 def convert_heads(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> HeadConversion:
     """Load IRRA's cross-attention, cross-modal transformer, layer norms and MLM head into ``model``."""
-    depth = num_blocks(state_dict, BLOCKS)
-    if len(model.cross_modal_transformer) != depth:
-        reason = f"the source's has {depth} blocks, cross_modal_depth is {len(model.cross_modal_transformer)}"
-        return HeadConversion(reinitialised={"cross-modal MLM head": reason})
+    depth, built = num_blocks(state_dict, BLOCKS), len(model.cross_modal_transformer)
+    heads = model.cross_attn.num_heads
+    architecture = {"cross-modal depth": (built, "cross_modal_depth (a fresh head)"),
+                    "cross-modal heads": (heads, assumed_heads("embedding width", "IRRA's rule", None))}
+    if built != depth:
+        reason = f"the source's has {depth} blocks, cross_modal_depth is {built}"
+        return HeadConversion(reinitialised={"cross-modal MLM head": reason}, architecture=architecture)
+    architecture["cross-modal depth"] = (depth, f"read off {BLOCKS}0..{depth - 1}")
     weights = {key: state_dict[key].float() for key in SAME_NAMES}
     used = set(SAME_NAMES)
     for i in range(depth):
@@ -92,4 +98,4 @@ def convert_heads(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> H
     if unexpected:  # every name above is one of IRRAModel's
         raise RuntimeError(f"IRRA conversion table names no IRRAModel parameter: {unexpected}")
     return HeadConversion(loaded=[f"cross-modal MLM head (cross_attn, {depth} blocks, ln_pre_t/i, ln_post, "
-                                  f"mlm_head)"], used=used)
+                                  f"mlm_head)"], used=used, architecture=architecture)

@@ -20,11 +20,13 @@ SEN                                            tipr ``restoration.``
 ``decoder_pos_embed`` (1, 1 + N, E)            ``pos_embed`` (checked, not copied)
 =============================================  ================================================
 
-The depth is the number of blocks in the file, the heads ``E // 64`` as the
-reference's. ``decoder_pos_embed`` is the reference's fixed sine-cosine table;
-tipr builds the same table (:func:`tipr.methods.sen.restoration.sincos_position_table`)
-as a non-persistent buffer, so the conversion checks that the two agree (within
-1e-4) instead of copying it, and a converted model reloads with the right table.
+The depth is the number of blocks in the file. The heads cannot be read off the
+tensors (any count dividing ``E`` fits): ``restoration_heads`` when given (the
+source's count), else ``E // 64``, as the reference's code. ``decoder_pos_embed``
+is the reference's fixed sine-cosine table; tipr builds the same table
+(:func:`tipr.methods.sen.restoration.sincos_position_table`) as a non-persistent
+buffer, so the conversion checks that the two agree (within 1e-4) instead of
+copying it, and a converted model reloads with the right table.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tipr.convert.openai_clip import OPENAI_HEAD_WIDTH, OPENAI_TO_TIMM_BLOCK, block_shapes, num_blocks
-from tipr.convert.reference import HeadConversion
+from tipr.convert.openai_clip import OPENAI_TO_TIMM_BLOCK, block_shapes, num_blocks
+from tipr.convert.reference import HeadConversion, assumed_heads
 
 #: SEN's TIR head outside its blocks -> ``TextGuidedRestoration`` names.
 TIR_KEYS = {
@@ -135,15 +137,12 @@ def convert_tir_state_dict(
 
 
 def tir_mismatch(restoration: nn.Module, state_dict: Mapping[str, torch.Tensor], depth: int) -> str | None:
-    """Why the source's TIR head cannot be loaded into ``restoration`` as trained, or None."""
+    """Why the source's TIR head cannot be loaded into ``restoration`` as trained, or None.
+
+    Its heads are the source's by definition: ``restoration_heads`` says how many the source has.
+    """
     if len(restoration.transformer) != depth:
         return f"the source's has {depth} blocks, restoration_depth is {len(restoration.transformer)}"
-    dim = restoration.decoder_embed.out_features
-    if restoration.cross_attn.num_heads != dim // OPENAI_HEAD_WIDTH:
-        return (
-            f"the source's has {dim // OPENAI_HEAD_WIDTH} heads ({dim} // {OPENAI_HEAD_WIDTH}), "
-            f"restoration_heads is {restoration.cross_attn.num_heads}"
-        )
     table = state_dict[TIR_TABLE][0].float()
     difference = (table - restoration.pos_embed[0].float()).abs().max().item()
     if difference > _TABLE_ATOL:
@@ -168,12 +167,17 @@ def reference_settings(
 
 def convert_heads(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> HeadConversion:
     """Load the TIR head of a SEN source into ``model.restoration`` (else say why it stays fresh)."""
-    depth = tir_depth(state_dict)
-    if depth is None:
-        return HeadConversion(reinitialised={"restoration": "TIR head: no counterpart in the source"})
-    mismatch = tir_mismatch(model.restoration, state_dict, depth)
+    depth, restoration = tir_depth(state_dict), model.restoration
+    heads = restoration.cross_attn.num_heads
+    how = ("given (restoration_heads)" if model.config.restoration_heads is not None else
+           assumed_heads("embedding width", "SEN's rule", "restoration_heads"))
+    architecture = {"TIR depth": (len(restoration.transformer), "restoration_depth (a fresh head)"),
+                    "TIR heads": (heads, how)}
+    mismatch = "no counterpart in the source" if depth is None else tir_mismatch(restoration, state_dict, depth)
     if mismatch is not None:
-        return HeadConversion(reinitialised={"restoration": f"TIR head: {mismatch}"})
+        return HeadConversion(reinitialised={"restoration": f"TIR head: {mismatch}"}, architecture=architecture)
     weights, used = convert_tir_state_dict(state_dict, depth)
-    model.restoration.load_state_dict(weights)
-    return HeadConversion(loaded=[f"TIR head ({depth} blocks; its {TIR_TABLE} equals tipr's fixed table)"], used=used)
+    restoration.load_state_dict(weights)
+    architecture["TIR depth"] = (depth, f"read off {TIR_BLOCKS}0..{depth - 1}")
+    return HeadConversion(loaded=[f"TIR head ({depth} blocks; its {TIR_TABLE} equals tipr's fixed table)"], used=used,
+                          architecture=architecture)
