@@ -7,6 +7,7 @@ images written as JPEG and PNG files under sub-folders.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -24,7 +25,9 @@ from tiny import Tiny
 from tipr.pretrained import save_pretrained
 from tipr.processing import TIPRProcessor
 from tipr.search import GalleryError, GalleryIndex, build_index, search, search_features, write_gallery
+from tipr.search import identity
 from tipr.search.gallery import MANIFEST
+from tipr.search.identity import legacy_fingerprint, model_fingerprint, model_identity
 from tipr.search.writer import gallery_lock
 
 #: Features of one image computed in other batches may differ in the last float32 bits.
@@ -315,3 +318,102 @@ def test_an_ann_index_in_the_gallery_proposes_and_exact_scores_decide(tmp_path):
     assert later.ann == info and later.rows == n + 1
     (best, *_), = search_features(later, queries[:1], top_k=3, exact=False)
     assert (best.path, best.row) == ("late/0.jpg", n) and best.score == pytest.approx(1.0, abs=1e-6)
+
+
+# ------------------------------------------------ the fingerprint covers the architecture
+def weights_only_fingerprint(model) -> str:
+    """``model_fingerprint`` as tipr computed it before issue 21 (galleries written then record it), verbatim."""
+    state = model.clip.state_dict()
+    size = [int(s) for s in model.encoder_config.image_size]
+    h = hashlib.sha256(f"tipr-model image_size={size} text_length={int(model.encoder_config.text_length)}\n".encode())
+    for name, tensor in state.items():
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name} {t.dtype} {tuple(tensor.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def with_vision_heads(model, heads: int):
+    """The same model, the same weights, with ``heads`` vision attention heads (the tiny preset has 4)."""
+    encoder = copy.deepcopy(model.encoder_config)
+    encoder.clip["vision_config"]["num_attention_heads"] = heads
+    other = type(model)(encoder, model.config)
+    other.load_state_dict(model.state_dict())
+    return other.eval()
+
+
+def test_the_same_weights_with_other_heads_are_another_model(network, photos, tmp_path):
+    model, processor, folder = network
+    other = with_vision_heads(model, 2)
+    assert weights_only_fingerprint(other) == weights_only_fingerprint(model) == legacy_fingerprint(model)
+    assert model_fingerprint(other) != model_fingerprint(model)
+    images = torch.randn(2, 3, 32, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (other.encode_image(images) - model.encode_image(images)).abs().max() > 1e-3  # it encodes otherwise
+    out = tmp_path / "g"
+    gallery, _ = index(network, photos, out)
+    recorded = gallery.model
+    assert (recorded["fingerprint"], recorded["fingerprint_version"]) == (model_fingerprint(model), 2)
+    assert recorded["weights_fingerprint"] == weights_only_fingerprint(model)
+    assert recorded["architecture"]["vision"]["num_attention_heads"] == 4 == recorded["architecture"]["text"][
+        "num_attention_heads"]
+    assert GalleryIndex.load(out).model == recorded  # as the manifest keeps it
+    before = file_hashes(out)
+    with pytest.raises(GalleryError) as refused:
+        search(other, processor, GalleryIndex.load(out), "a person")
+    message = str(refused.value)
+    assert (f"gallery {out} was indexed with another model: {folder.resolve()} (fingerprint "
+            f"{recorded['fingerprint'][:12]}, image 32x16, text length 16; vision 64 wide x 2 layers, heads 4, "
+            f"text 64 wide x 2 layers, heads 4); the model given is an unnamed model (fingerprint "
+            f"{model_fingerprint(other)[:12]}, image 32x16, text length 16; vision 64 wide x 2 layers, heads 2, "
+            f"text 64 wide x 2 layers, heads 4) (the same weights, another architecture)") in message
+    with pytest.raises(GalleryError, match="was indexed with another model"):
+        build_index(other, processor, photos, out, num_workers=0, progress=False)
+    assert file_hashes(out) == before
+    assert len(search(model, processor, GalleryIndex.load(out), "a person", top_k=3)[0]) == 3
+
+
+def test_the_fingerprint_hashes_the_weights_once_per_model(monkeypatch):
+    model = Tiny.network(init_seed=5)
+    real, weight_hashes = hashlib.sha256, []
+
+    def counting(data=b""):
+        weight_hashes.extend([1] if data.startswith(b"tipr-model image_size=") else [])
+        return real(data)
+
+    monkeypatch.setattr(identity.hashlib, "sha256", counting)
+    first = model_fingerprint(model)
+    assert model_fingerprint(model) == first and model_identity(model)["fingerprint"] == first
+    assert len(weight_hashes) == 1
+    with torch.no_grad():
+        model.clip.visual_projection.weight[0, 0] += 1e-3  # changed in place: hashed again
+    assert model_fingerprint(model) != first and len(weight_hashes) == 2
+
+
+def test_a_gallery_with_a_weights_only_fingerprint_is_refused_saying_to_index_again(network, photos, tmp_path):
+    model, processor, folder = network
+    out = tmp_path / "old.gallery"
+    index(network, photos, out)
+    manifest = json.loads((out / MANIFEST).read_text())  # made as tipr wrote it before issue 21
+    manifest["model"] = {"fingerprint": weights_only_fingerprint(model), "checkpoint": str(folder.resolve()),
+                         "image_size": [32, 16], "text_length": 16, "embed_dim": 64}
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    before = file_hashes(out)
+    for given, weights in ((model, "the same"), (with_vision_heads(model, 2), "the same"),
+                           (Tiny.network(init_seed=4).eval(), "other")):
+        with pytest.raises(GalleryError) as refused:
+            search(given, processor, GalleryIndex.load(out), "a person")
+        message = str(refused.value)
+        assert message.startswith(
+            f"gallery {out} was indexed by an older tipr, whose model fingerprint covers the weights only, not the "
+            f"architecture (attention heads...), so it cannot show that a model encodes images as the gallery's did: "
+            f"{folder.resolve()} (fingerprint {weights_only_fingerprint(model)[:12]}, image 32x16, text length 16); "
+            f"the model given is an unnamed model (fingerprint {model_fingerprint(given)[:12]}")
+        assert message.endswith(
+            f"with {weights} weights. To search these images, index the images again with the model given into a "
+            f"new gallery folder (or delete {out} and index into it again)")
+    with pytest.raises(GalleryError, match="indexed by an older tipr"):
+        index(network, photos, out)  # not extended either: its rows' model cannot be told
+    assert file_hashes(out) == before
+    fresh, _ = index(network, photos, tmp_path / "new.gallery")
+    assert len(search(model, processor, fresh, "a person", top_k=2)[0]) == 2

@@ -11,7 +11,9 @@ Gallery format 2 is a folder (``photos.gallery/``)::
     ann-<token>.faiss              optional approximate index over rows [0, ann.rows) (:mod:`tipr.search.ann`)
 
 ``manifest.json``: ``{"format": "tipr-gallery", "version": 2, "root": the indexed folder, absolute,
-"model": {"fingerprint", "checkpoint", "image_size", "text_length", "embed_dim"} (:mod:`tipr.search.identity`),
+"model": {"fingerprint", "fingerprint_version", "weights_fingerprint", "checkpoint", "image_size", "text_length",
+"embed_dim", "architecture"} (:mod:`tipr.search.identity`; galleries of tipr before issue 21 have no
+"fingerprint_version", "weights_fingerprint" or "architecture", and are refused: index them again),
 "dim": D, "dtype": "float32" | "float16", "shards": [{"name", "rows"}], "rows": rows in all shards,
 "live": rows not deleted, "deleted": file name or null, "failed": {relative path: reason} (files that
 could not be read at the last run; not in the gallery), "ann": {"file", "rows", "factory", ...} or null}``.
@@ -204,13 +206,34 @@ class GalleryIndex:
         return cache[prefix]
 
     def check_model(self, identity: dict[str, Any]) -> None:
-        """Raise :class:`GalleryError` naming both models if ``identity`` (:func:`model_identity`) is not the gallery's."""
-        if identity["fingerprint"] != self.model.get("fingerprint"):
-            given = identity["checkpoint"] or "the model given"
+        """Raise :class:`GalleryError` naming both models unless ``identity`` (:func:`model_identity`) is the gallery's.
+
+        A gallery whose identity has a fingerprint but no ``"fingerprint_version"``
+        (written before fingerprints covered the architecture, :mod:`tipr.search.identity`)
+        is refused whatever the model: its weights-only fingerprint cannot tell the
+        same weights run with other head counts apart. The message says whether the
+        weights match (:func:`~tipr.search.identity.legacy_fingerprint`) and to index again.
+        """
+        given = identity["checkpoint"] or "the model given"
+        again = (f"index the images again with {given} into a new gallery folder (or delete {self.name} "
+                 f"and index into it again)")
+        recorded = self.model.get("fingerprint")
+        if recorded and self.model.get("fingerprint_version") is None and identity["fingerprint"]:
+            same = recorded == identity.get("weights_fingerprint")
+            raise GalleryError(
+                f"gallery {self.name} was indexed by an older tipr, whose model fingerprint covers the weights "
+                f"only, not the architecture (attention heads...), so it cannot show that a model encodes images "
+                f"as the gallery's did: {describe_model(self.model)}; the model given is "
+                f"{describe_model(identity)}, {'with the same' if same else 'with other'} weights. To search "
+                f"these images, {again}"
+            )
+        if identity["fingerprint"] != recorded:
+            weights = self.model.get("weights_fingerprint")
+            same = weights is not None and weights == identity.get("weights_fingerprint")
             raise GalleryError(
                 f"gallery {self.name} was indexed with another model: {describe_model(self.model)}; "
-                f"the model given is {describe_model(identity)}. Use the gallery's model, "
-                f"or index the images again with {given} into another gallery folder"
+                f"the model given is {describe_model(identity)}"
+                f"{' (the same weights, another architecture)' if same else ''}. Use the gallery's model, or {again}"
             )
 
     @classmethod
