@@ -307,3 +307,23 @@ def test_loading_a_pretrained_folder_prints_nothing(tiny_pretrained):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "CLIPTokenizer"
     assert proc.stderr == "", proc.stderr
+
+
+def test_a_hub_model_not_in_the_cache_without_a_network_is_one_error_at_once(monkeypatch, tmp_path):
+    """No download is started (huggingface_hub retries for about 30 s) when one probe says the hub cannot be reached."""
+    import huggingface_hub
+
+    from tipr.model import hub
+
+    downloads = []
+
+    def download(repo, name, **kwargs):
+        downloads.append(kwargs["local_files_only"])
+        raise FileNotFoundError("not cached")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(hub, "hub_unreachable", lambda: "no route")
+    with pytest.raises(hub.HubUnreachableError, match=r"the hub model 'someone/sen' is not in the local Hugging Face "
+                                                      r"cache and the hub cannot be reached \(no route\)"):
+        hub.pretrained_files("someone/sen", ["config.json"])
+    assert downloads == [True]

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tipr.model.hub import hub_unreachable
+from tipr.model.hub import HubUnreachableError, from_cache_or_hub
 
 CLIP_VOCAB_SIZE = 49408
 CLIP_SOT_TOKEN_ID = 49406
@@ -104,18 +104,15 @@ def build_clip(backbone: str | Mapping[str, Any], text_length: int = 77):
         load = functools.partial(CLIPModel.from_pretrained, str(folder) if is_folder else backbone,
                                  dtype=torch.float32, attn_implementation="sdpa")
         try:
-            model = load(local_files_only=True)  # a folder, or a hub id already in the local cache
-        except OSError as err:
             if is_folder:
-                raise OSError(f"could not load the CLIP backbone model.backbone={backbone!r} ({expected}): {err}") from err
-            offline = hub_unreachable()
-            if offline:
-                raise OSError(f"model.backbone={backbone!r} ({expected}) is not in the local Hugging Face cache and "
-                              f"the hub cannot be reached ({offline}); give a local CLIP folder or a config") from None
-            try:
-                model = load()
-            except OSError as err:
-                raise OSError(f"could not load the CLIP backbone model.backbone={backbone!r} ({expected}): {err}") from err
+                model = load(local_files_only=True)
+            else:  # the local cache, else one probe of the hub before the download (no 30 s of retries offline)
+                model = from_cache_or_hub(lambda local: load(local_files_only=local), f"model.backbone={backbone!r} ({expected})",
+                                          "give a local CLIP folder or a config")
+        except HubUnreachableError:
+            raise
+        except OSError as err:
+            raise OSError(f"could not load the CLIP backbone model.backbone={backbone!r} ({expected}): {err}") from err
     _check_text_length(model.config, text_length)
     # The losses use a fixed temperature; CLIP's learnable logit scale stays out of the optimiser.
     model.logit_scale.requires_grad_(False)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
+
+T = TypeVar("T")
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -48,17 +51,15 @@ def pretrained_files(
         return {name: Path(hf_hub_download(text, name, revision=revision, cache_dir=cache_dir,
                                            local_files_only=local, token=token)) for name in filenames}
 
-    try:
-        return fetch(local=True)  # in the local cache: no request at all
-    except Exception as e:
-        if local_files_only:
+    if local_files_only:
+        try:
+            return fetch(local=True)
+        except Exception as e:
             raise OSError(f"the hub model {text!r} is not in the local cache ({list(filenames)}): {e}") from e
-    offline = hub_unreachable()
-    if offline:
-        raise OSError(f"the hub model {text!r} is not in the local cache and the hub cannot be reached ({offline}); "
-                      f"expected a pretrained folder or a reachable hub id")
     try:
-        return fetch(local=False)
+        return from_cache_or_hub(fetch, f"the hub model {text!r}", "expected a pretrained folder or a reachable hub id")
+    except HubUnreachableError:
+        raise
     except Exception as e:  # unknown repo, missing file: name what was asked for
         raise OSError(f"could not fetch {list(filenames)} of the hub model {text!r}: {type(e).__name__}: {e}") from e
 
@@ -97,6 +98,23 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
             + "; ".join(d for d in details if d)
         )
     model.load_state_dict(state, strict=True)
+
+
+class HubUnreachableError(OSError):
+    """A model that is not in the local cache, and a hub that cannot be reached."""
+
+
+def from_cache_or_hub(load: Callable[[bool], T], what: str, hint: str) -> T:
+    """``load(True)`` (local files only: a folder, or the Hugging Face cache); when that fails, ``load(False)``
+    if the hub can be reached, else a :class:`HubUnreachableError` at once naming ``what`` and ``hint`` (:func:`hub_unreachable`)."""
+    try:
+        return load(True)
+    except Exception:
+        pass
+    offline = hub_unreachable()
+    if offline:
+        raise HubUnreachableError(f"{what} is not in the local Hugging Face cache and the hub cannot be reached ({offline}); {hint}")
+    return load(False)
 
 
 def hub_unreachable(timeout: float = 5.0) -> str | None:
