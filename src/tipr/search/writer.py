@@ -113,10 +113,14 @@ class ShardSink:
     def fail(self, path: str, reason: str) -> None:
         self.journal["failed"][path] = reason
 
-    def close(self) -> None:
-        """Write the buffered rows as a last shard, and the journal (also when it lists no shard)."""
+    def flush(self) -> None:
+        """Write the buffered rows as a last (shorter) shard."""
         if self._paths:
             self._write(len(self._paths))
+
+    def close(self) -> None:
+        """:meth:`flush`, then write the journal (also when it lists no shard)."""
+        self.flush()
         self._save_journal()
 
     def _write(self, n: int) -> None:
@@ -217,8 +221,7 @@ def _compacted(folder: Path, gallery: GalleryIndex) -> GalleryIndex:
         rows = np.asarray([entries[p][2] for p in chunk], np.int64)
         stats = np.asarray([entries[p][:2] for p in chunk], np.int64).reshape(-1, 2)
         sink.add(chunk, stats, gallery.gather(rows))
-    if sink._paths:
-        sink._write(len(sink._paths))
+    sink.flush()
     shards, offset = [], 0
     for entry in sink.journal["shards"]:  # no journal file: the manifest written next names these shards
         shards.append(open_shard(folder, entry["name"], entry["rows"], gallery.dim, gallery.dtype, offset))
