@@ -210,7 +210,8 @@ class TIPRCLI(LightningCLI):
         if config is None or not config.get("ckpt_path"):
             return
         ckpt_path = str(config.ckpt_path)
-        if ckpt_path not in ("last", "best", "hpc", "registry") and "://" not in ckpt_path and not Path(ckpt_path).is_file():
+        named = ckpt_path in ("last", "best", "hpc") or ckpt_path.startswith("registry") or "://" in ckpt_path
+        if not named and not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file; expected a .ckpt file or 'last'")
         logger = config.trainer.get("logger")
         init_args = getattr(logger, "init_args", None)
