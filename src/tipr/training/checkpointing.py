@@ -182,6 +182,7 @@ def export_pretrained(trainer, network, processor, folder: str | Path) -> Path:
     if best and Path(best).is_file():
         network, _ = load_lightning_checkpoint(best)
     # Written beside the target and renamed into place: an interrupted export leaves no half folder.
+    folder.parent.mkdir(parents=True, exist_ok=True)  # a run folder no logger has written to yet
     with atomic_folder(folder) as partial:
         save_pretrained(network, processor, partial)
     return folder
