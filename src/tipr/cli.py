@@ -294,13 +294,21 @@ def main(args: list[str] | None = None) -> None:
         sys.argv[1:] = method_by_name(sys.argv[1:])
     else:
         args = method_by_name(args)
-    TIPRCLI(
-        TIPRModule,
-        TIPRDataModule,
-        auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    try:
+        TIPRCLI(
+            TIPRModule,
+            TIPRDataModule,
+            auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    finally:
+        # Lightning leaves the process group of a DDP run to the interpreter's exit, where tearing down
+        # gloo's threads can abort the process ("terminate called without an active exception", once in CI).
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
