@@ -528,13 +528,16 @@ def sen_reference_losses(model, images, token_ids, pids, noise, num_visible, tem
 
 @pytest.fixture(scope="module")
 def sen_source():
-    torch.manual_seed(4)
-    network = SENModel.from_backbone(
-        SEN_CONFIG, NUM_CLASSES, config=SENConfig(restoration_depth=SEN_DEPTH, restoration_text_padding_mask=False),
-        image_size=IMAGE_SIZE, text_length=CONTEXT,
-    )
+    return perturbed_sen(SEN_CONFIG, SENConfig(restoration_depth=SEN_DEPTH, restoration_text_padding_mask=False), seed=4)
+
+
+def perturbed_sen(backbone: dict, config: SENConfig, seed: int) -> SENModel:
+    """A SEN network of ``backbone`` / ``config`` whose every tensor is moved off its init (ones, zeros),
+    which would hide a swap, in eval mode."""
+    torch.manual_seed(seed)
+    network = SENModel.from_backbone(backbone, NUM_CLASSES, config=config, image_size=IMAGE_SIZE, text_length=CONTEXT)
     with torch.no_grad():
-        for param in network.parameters():  # no tensor keeps an init (ones, zeros) that would hide a swap
+        for param in network.parameters():
             param.add_(0.05 * torch.randn_like(param))
     return network.eval()
 
@@ -759,14 +762,8 @@ ARCHITECTURE_NAMES = [
 
 @pytest.fixture(scope="module")
 def heads_source():
-    torch.manual_seed(7)
     config = SENConfig(restoration_depth=SEN_DEPTH, restoration_heads=4, restoration_text_padding_mask=False)
-    network = SENModel.from_backbone(HEADS_CONFIG, NUM_CLASSES, config=config, image_size=IMAGE_SIZE,
-                                     text_length=CONTEXT)
-    with torch.no_grad():
-        for param in network.parameters():
-            param.add_(0.05 * torch.randn_like(param))
-    return network.eval()
+    return perturbed_sen(HEADS_CONFIG, config, seed=7)
 
 
 @pytest.fixture(scope="module")
